@@ -1,0 +1,229 @@
+"""The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True, help="upscaling factor")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="hub repo id, folder, weights file or fsspec URL (default: eugenesiow/pan)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="input tile size in pixels; 0 = whole image (default: automatic, by memory)",
+    )
+
+
+def _upscaler(args: argparse.Namespace):
+    from pipeline.engine import AUTO, Upscaler
+    from pipeline.weights import load_pretrained
+
+    model = load_pretrained(args.weights, scale=args.scale)
+    tile = AUTO if args.tile is None else args.tile
+    return Upscaler(model, device=args.device, precision=args.precision, tile=tile)
+
+
+def _read_image(location: str):
+    from pipeline.imaging import decode_image
+    from pipeline.storage import read_bytes
+
+    return decode_image(read_bytes(location), name=location)
+
+
+def _output_format(location: str) -> str:
+    suffix = Path(location).suffix.lower().lstrip(".")
+    formats = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+    if suffix not in formats:
+        raise PipelineError(f"cannot tell the output format of {location}: end it in .png, .jpg or .webp")
+    return formats[suffix]
+
+
+def _save_picture(picture, location: str) -> None:
+    import io
+
+    from pipeline.storage import write_bytes
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format=_output_format(location).upper())
+    write_bytes(location, buffer.getvalue())
+
+
+def cmd_upscale_image(args: argparse.Namespace) -> int:
+    from pipeline.imaging import encode_image
+    from pipeline.storage import write_bytes
+
+    fmt = _output_format(args.output)
+    image = _read_image(args.input)
+    upscaler = _upscaler(args)
+    result = upscaler.upscale_image(image)
+    write_bytes(args.output, encode_image(result, fmt, png_compress_level=args.png_compress_level))
+    print(f"{args.input} ({image.width}x{image.height}) -> {args.output} ({result.width}x{result.height})")
+    if args.compare:
+        _write_comparison(upscaler, image.pixels, None, args.compare)
+    return 0
+
+
+def _write_comparison(upscaler, lr, hr, location: str) -> None:
+    from pipeline.evaluate import as_rgb8, crop_to_multiple
+    from pipeline.imaging import imresize
+    from pipeline.metrics import psnr_y
+    from pipeline.report import comparison_picture
+
+    s = upscaler.scale
+    lr = as_rgb8(lr)
+    sr, bicubic = upscaler.upscale(lr), imresize(lr, float(s))
+    if hr is None:
+        panels = [("Bicubic", bicubic), ("PAN", sr)]
+    else:
+        hr = crop_to_multiple(as_rgb8(hr), s)
+        if hr.shape != sr.shape:
+            raise PipelineError(
+                f"HR is {hr.shape[1]}x{hr.shape[0]} but the x{s} output is {sr.shape[1]}x{sr.shape[0]}"
+            )
+        panels = [
+            (f"Bicubic {psnr_y(bicubic, hr, crop=s):.2f} dB", bicubic),
+            (f"PAN {psnr_y(sr, hr, crop=s):.2f} dB", sr),
+            ("HR", hr),
+        ]
+    _save_picture(comparison_picture(panels), location)
+    print(f"comparison -> {location}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    lr = _read_image(args.input).pixels
+    hr = _read_image(args.hr).pixels if args.hr else None
+    _write_comparison(_upscaler(args), lr, hr, args.output)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from pipeline.evaluate import evaluate, load_benchmark
+    from pipeline.report import markdown_table
+
+    upscaler = _upscaler(args)
+    name, pairs = load_benchmark(args.data, args.scale, split=args.split)
+    with Progress(transient=True, console=_stderr_console()) as progress:
+        task = progress.add_task(f"{name} x{args.scale}", total=len(pairs))
+
+        def on_image(pair, score, sr, bicubic) -> None:
+            progress.advance(task)
+            if args.compare_dir:
+                _save_picture(
+                    _eval_picture(pair, score, sr, bicubic),
+                    f"{args.compare_dir}/{pair.name}_x{args.scale}.png",
+                )
+
+        report = evaluate(upscaler, name, pairs, on_image=on_image)
+    print(markdown_table([report]))
+    if args.report:
+        from pipeline.storage import write_bytes
+
+        write_bytes(args.report, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        print(f"report -> {args.report}")
+    return 0
+
+
+def _eval_picture(pair, score, sr, bicubic):
+    from pipeline.report import comparison_picture
+
+    return comparison_picture(
+        [
+            (f"Bicubic {score.bicubic_psnr_y:.2f} dB", bicubic),
+            (f"PAN {score.psnr_y:.2f} dB", sr),
+            ("HR", pair.hr),
+        ]
+    )
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from pipeline.weights import KNOWN_WEIGHTS
+
+    print("|id|scale|params|Set5 PSNR_Y/SSIM_Y|source|reference|")
+    print("|---|---|---|---|---|---|")
+    for w in KNOWN_WEIGHTS:
+        print(
+            f"|{w.id}|x{w.scale}|{w.num_params:,}|{w.set5_psnr_y:.2f}/{w.set5_ssim_y:.4f}|{w.source}|{w.reference}|"
+        )
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pan", description="PAN super-resolution, from one image to a cluster."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("upscale-image", help="upscale one image file")
+    p.add_argument("input", help="image file or URL")
+    p.add_argument("output", help="output file or URL (.png, .jpg, .webp)")
+    _add_model_options(p)
+    p.add_argument("--png-compress-level", type=int, default=6, choices=range(10), metavar="0-9")
+    p.add_argument("--compare", metavar="PICTURE", help="also write a bicubic | PAN picture here")
+    p.set_defaults(handler=cmd_upscale_image)
+
+    p = sub.add_parser("compare", help="write a side-by-side bicubic | PAN | HR picture")
+    p.add_argument("input", help="low-resolution image")
+    p.add_argument("output", help="picture to write (.png, .jpg, .webp)")
+    p.add_argument("--hr", help="the high-resolution original: adds a panel and PSNR labels")
+    _add_model_options(p)
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("eval", help="PSNR/SSIM on a benchmark set, with the bicubic baseline")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder with HR/ (+ LR_bicubic/), Parquet, imagefolder or hub id",
+    )
+    p.add_argument("--split", default=None, help="dataset split (default: test, validation or the only one)")
+    p.add_argument("--report", metavar="OUT.json", help="write the scores as JSON")
+    p.add_argument("--compare-dir", metavar="DIR", help="write a comparison picture per image here")
+    _add_model_options(p)
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("weights", help="list the known published weights")
+    p.set_defaults(handler=cmd_weights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PipelineError as exc:
+        print(f"pan: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # missing, unreadable or unwritable files, local or remote
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"pan: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("pan: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

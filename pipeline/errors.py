@@ -1,0 +1,49 @@
+"""Typed errors a user can cause. Each message says what is wrong and, where it helps, what to do.
+
+The CLI turns any ``PipelineError`` into one line on stderr and a non-zero exit; batch jobs turn
+``InvalidImageError`` into a row of the errors table (its class name is the error type).
+"""
+
+
+class PipelineError(Exception):
+    """Base class: an error caused by input or configuration, not by a bug."""
+
+
+class InvalidImageError(PipelineError):
+    """Bytes that cannot become an image we can upscale."""
+
+
+class EmptyImageError(InvalidImageError):
+    """Zero bytes."""
+
+
+class NotAnImageError(InvalidImageError):
+    """Bytes in no image format Pillow reads (a text file, say)."""
+
+
+class TruncatedImageError(InvalidImageError):
+    """An image whose data ends early."""
+
+
+class CorruptImageError(InvalidImageError):
+    """An image whose header is readable but whose data is damaged."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """More pixels than the configured limit (decompression-bomb guard)."""
+
+
+class UnsupportedImageError(InvalidImageError):
+    """A readable image in a mode or shape we cannot upscale (e.g. a 32-bit float TIFF)."""
+
+
+class WeightsError(PipelineError):
+    """Weights that cannot be found, read, or do not fit the requested model."""
+
+
+class DatasetError(PipelineError):
+    """A dataset that cannot be loaded or does not have the expected layout."""
+
+
+class DeviceError(PipelineError):
+    """A device or precision that this machine cannot provide (e.g. CUDA asked for, none visible)."""

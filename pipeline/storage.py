@@ -1,0 +1,55 @@
+"""One way to reach files: local paths and every fsspec URL (``s3://``, ``gs://``, ``memory://``...).
+
+Writes are atomic where the store allows it: local files go to a temporary name in the same folder
+and are renamed into place, so no half-written file is ever visible under its final name; object
+stores (S3 and the like) make a PUT visible only once complete.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def filesystem(
+    location: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path within it for a local path or URL."""
+    return fsspec.core.url_to_fs(location, **(storage_options or {}))
+
+
+def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    if not is_url(location):
+        return Path(location.removeprefix("file://")).expanduser().read_bytes()
+    fs, path = filesystem(location, storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``location``, creating parent folders; atomic as described above."""
+    if is_url(location):
+        fs, path = filesystem(location, storage_options)
+        if not isinstance(fs, LocalFileSystem):
+            fs.pipe_file(path, data)
+            return
+        location = path
+    target = Path(location.removeprefix("file://")).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A unique hidden name (not mkstemp, whose 0600 mode would ignore the user's umask).
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine import Upscaler, plan_axis, resolve_device
+from pipeline.errors import DeviceError
+from pipeline.imaging import DecodedImage, decode_image
+from pipeline.model import PAN
+from pipeline.weights import load_pretrained
+
+
+def _photo(h=40, w=52):
+    """Smooth, image-like content (PAN is not defined for noise)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    rgb = np.stack([0.5 + 0.4 * np.sin(6 * x), 0.5 + 0.4 * np.cos(5 * y), 0.3 + 0.5 * x * y], axis=2)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def official(weights_dir):
+    return {s: load_pretrained(weights_dir / f"PANx{s}_DF2K.pth", scale=s) for s in (2, 3, 4)}
+
+
+@pytest.fixture(scope="module")
+def set14_lr(benchmarks_dir):
+    return {
+        s: [
+            decode_image(p.read_bytes()).pixels
+            for p in sorted((benchmarks_dir / f"Set14/LR_bicubic/X{s}").glob("*.png"))
+        ]
+        for s in (2, 3, 4)
+    }
+
+
+def test_plan_covers_every_pixel_once():
+    for size, tile, context in [(100, 30, 8), (97, 48, 24), (300, 256, 24), (50, 64, 24), (129, 16, 0)]:
+        plan = plan_axis(size, tile, context)
+        covered = np.zeros(size, int)
+        for w in plan.windows:
+            assert w.start >= 0 and w.start + plan.length <= size
+            assert w.start <= w.core_start < w.core_end <= w.start + plan.length
+            covered[w.core_start : w.core_end] += 1
+        assert (covered == 1).all()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tiled_equals_whole_image_on_set14(official, set14_lr, scale):
+    whole = Upscaler(official[scale], device="cpu", tile=0)
+    tiled = {t: Upscaler(official[scale], device="cpu", tile=t) for t in (48, 64, 96, 128, 256)}
+    for lr in set14_lr[scale]:
+        reference = whole.upscale(lr).astype(int)
+        for tile, upscaler in tiled.items():
+            diff = np.abs(upscaler.upscale(lr).astype(int) - reference).max()
+            assert diff <= 1, f"tile {tile}: {diff} levels off"
+
+
+@pytest.mark.integration
+def test_tiles_batch_and_auto_tiling_follows_the_budget(official, set14_lr):
+    lr = set14_lr[2][1]  # barbara 360x288
+    reference = Upscaler(official[2], device="cpu", tile=0).upscale(lr).astype(int)
+    small_budget = Upscaler(official[2], device="cpu", memory_budget=20_000_000)
+    assert small_budget.tile_size(*lr.shape[:2]) is not None
+    py, px = small_budget.plan(*lr.shape[:2])
+    assert len(py.windows) * len(px.windows) > 1
+    assert np.abs(small_budget.upscale(lr).astype(int) - reference).max() <= 1
+    assert Upscaler(official[2], device="cpu").tile_size(*lr.shape[:2]) is None  # fits 1 GiB whole
+
+
+def test_layouts_and_dtypes():
+    up = Upscaler(PAN(scale=2).eval(), device="cpu")
+    rgb = _photo()
+    assert up.upscale(rgb).shape == (80, 104, 3) and up.upscale(rgb).dtype == np.uint8
+    gray = rgb[..., 1]
+    assert up.upscale(gray).shape == (80, 104)
+    assert up.upscale(gray[..., None]).shape == (80, 104, 1)
+    deep = rgb.astype(np.uint16) * 257
+    out16 = up.upscale(deep)
+    assert out16.dtype == np.uint16 and out16.shape == (80, 104, 3)
+    # 16-bit precision is kept: the 16-bit result is the 8-bit one to within rounding
+    assert np.abs(out16 / 257.0 - up.upscale(rgb)).max() <= 1.0
+
+
+def test_alpha_is_upscaled_and_reattached():
+    up = Upscaler(PAN(scale=3).eval(), device="cpu")
+    alpha = np.full((40, 52), 255, np.uint8)
+    alpha[:, :10] = 0
+    out = up.upscale_image(DecodedImage(_photo(), alpha, "RGBA", "PNG"))
+    assert out.pixels.shape == (120, 156, 3) and out.alpha.shape == (120, 156)
+    assert out.alpha[:, :25].max() == 0 and out.alpha[:, 40:].min() == 255
+
+
+def test_bad_input_is_refused():
+    up = Upscaler(PAN(scale=2).eval(), device="cpu")
+    with pytest.raises(TypeError, match="uint8 or uint16"):
+        up.upscale(_photo().astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        up.upscale(np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="tile"):
+        Upscaler(PAN(scale=2), device="cpu", tile=-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(DeviceError, match="CUDA sees no GPU"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="fp16 needs a CUDA device"):
+        Upscaler(PAN(scale=2), device="cpu", precision="fp16")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.integration
+def test_bf16_is_close_and_non_finite_tiles_fall_back_to_fp32(official, set14_lr):
+    lr = set14_lr[2][5]
+    fp32 = Upscaler(official[2], device="cpu", tile=64).upscale(lr).astype(int)
+    bf16 = Upscaler(official[2], device="cpu", tile=64, precision="bf16")
+    assert np.abs(bf16.upscale(lr).astype(int) - fp32).mean() < 2.0
+    # Make the reduced-precision model overflow on every tile: each must be recomputed in fp32.
+    with torch.no_grad():
+        bf16._model.conv_last.bias.fill_(float("inf"))
+    assert np.abs(bf16.upscale(lr).astype(int) - fp32).max() <= 1
