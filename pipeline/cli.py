@@ -154,6 +154,60 @@ def _eval_picture(pair, score, sr, bicubic):
     )
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.upscale import UpscaleJob, check_error_fraction, run_upscale
+
+    overrides = {k: getattr(args, k) for k in UPSCALE_FLAGS}
+    if args.storage_options:
+        try:
+            overrides["storage_options"] = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"--storage-options is not JSON: {exc}") from exc
+    overrides.update(source=args.source, dest=args.dest)
+    if args.overwrite:
+        overrides["overwrite"] = True
+    try:
+        if args.config:
+            job = UpscaleJob.from_yaml(args.config, **overrides)
+        else:
+            job = UpscaleJob(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError
+        first = str(exc).splitlines()
+        raise PipelineError(
+            f"invalid job settings: {' '.join(first[1:3]) if len(first) > 2 else exc}"
+        ) from exc
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=_stderr_console(), transient=True) as progress:
+        task = progress.add_task("upscaling", total=None, counts="")
+
+        def on_progress(counts) -> None:
+            progress.update(task, counts=", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+        summary = run_upscale(job, on_progress=on_progress)
+    print(
+        f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
+        f"{summary['skipped']} skipped; {summary['output_megapixels']:.1f} MP out in "
+        f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s) -> {job.dest}"
+    )
+    if summary["failed"]:
+        print(f"errors table: {job.dest}/_errors", file=sys.stderr)
+    check_error_fraction(job, summary)
+    return 0
+
+
+UPSCALE_FLAGS = (
+    "scale", "weights", "format", "image_column", "device", "precision", "tile",
+    "actors", "max_error_fraction", "address", "png_compress_level", "max_pixels",
+)  # fmt: skip
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from pipeline.weights import KNOWN_WEIGHTS
 
@@ -204,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-dir", metavar="DIR", help="write a comparison picture per image here")
     _add_model_options(p)
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("upscale", help="upscale a folder, S3 prefix or shards on Ray (the batch job)")
+    p.add_argument("source", help="folder or URL (s3://...) of images, Parquet or tar shards")
+    p.add_argument("dest", help="output folder or URL")
+    p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4))
+    p.add_argument("--weights", help="hub repo id, folder, file or URL (default: eugenesiow/pan)")
+    p.add_argument("--format", choices=("png", "parquet", "both"))
+    p.add_argument("--image-column", help="image bytes column of Parquet shards (default: image)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options, e.g. '{\"anon\": true}'")
+    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    p.add_argument("--max-error-fraction", type=float, metavar="F", help="fail when more inputs fail")
+    p.add_argument("--device", help="where actors compute: auto (default), cpu, cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--tile", type=int, metavar="PX", help="input tile size; 0 = whole image")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else by CPUs)")
+    p.add_argument("--png-compress-level", type=int, choices=range(10), metavar="0-9")
+    p.add_argument("--max-pixels", type=int, help="refuse larger inputs (default: 40,000,000)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(handler=cmd_upscale)
 
     p = sub.add_parser("weights", help="list the known published weights")
     p.set_defaults(handler=cmd_weights)

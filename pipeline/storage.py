@@ -53,3 +53,25 @@ def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | No
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def join(base: str, rel: str) -> str:
+    """``rel`` (posix) under ``base``, keeping URLs URLs and paths paths."""
+    if is_url(base):
+        return base.rstrip("/") + "/" + rel.lstrip("/")
+    return str(Path(base.removeprefix("file://")).expanduser() / rel)
+
+
+def list_files(location: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Paths of all files under ``location``, relative to it (posix); empty if it does not exist."""
+    fs, root = filesystem(location, storage_options)
+    if not fs.exists(root):
+        return []
+    root = root.rstrip("/")
+    return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
+
+
+def remove(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(location, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,432 @@
+"""Throughput of PAN upscaling: the bare engine in-process versus the end-to-end Ray Data pipeline.
+
+One run measures, on the same images and the same machine:
+
+1. **Bare engine**: ``Upscaler(load_pretrained(weights, scale=s), device="cpu").upscale(pixels)`` on
+   every decoded image, in this process (decode and encode not included): output megapixels per
+   second. Decoding (``decode_image``) and PNG encoding (``encode_image(..., png_compress_level=6)``)
+   of the same images are timed separately, so the cost of each stage is visible.
+2. **End-to-end pipeline**: ``run_upscale(UpscaleJob(source, dest, scale, weights))`` from a state
+   where Ray is not initialized, so its time includes starting an embedded local Ray, reading,
+   decoding, the model actor(s), encoding and writing the PNG tree.
+3. **Ratio**: pipeline MP/s / bare engine MP/s.
+
+Ray's start-up alone is measured first with ``ray.init(); ray.shutdown()``. The workload is the
+Set14 + Set5 LR images at the chosen scale, copied ``--copies`` times under distinct names
+(``copy{i}/<set>_<name>.png``); by default the number of copies is calibrated so that the bare
+engine runs for at least ``--min-engine-seconds`` (60 s).
+
+Usage::
+
+    .venv/bin/python benchmarks/upscale_throughput.py [--scale 4] [--repeat 1] [--copies N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SETS = ("Set14", "Set5")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """Whole-machine CPU use between ``start()`` and ``stop()``, from /proc/stat (Linux only).
+
+    Reported as busy cores (1.0 = one core fully busy), which covers Ray's worker processes too and
+    shows when something else on the machine is competing for the CPUs.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float] | None = None
+
+    @staticmethod
+    def _read() -> tuple[float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        values = [float(v) for v in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] == self._start[1]:
+            return None
+        busy, total = end[0] - self._start[0], end[1] - self._start[1]
+        return busy / total * (os.cpu_count() or 1)
+
+
+@dataclass
+class EngineResult:
+    """One in-process pass over the workload; seconds are summed over images."""
+
+    images: int = 0
+    output_megapixels: float = 0.0
+    read_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    upscale_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    encoded_megabytes: float = 0.0
+    busy_cores: float | None = None
+
+    @property
+    def engine_mp_per_second(self) -> float:
+        return self.output_megapixels / self.upscale_seconds
+
+    @property
+    def serial_seconds(self) -> float:
+        return self.read_seconds + self.decode_seconds + self.upscale_seconds + self.encode_seconds
+
+
+@dataclass
+class PipelineResult:
+    """One ``run_upscale`` call, timed from before the call (Ray not yet initialized)."""
+
+    wall_seconds: float
+    summary: dict[str, Any]
+    first_result_seconds: float | None  # wall time until the first finished batch came back
+    busy_cores: float | None
+    outputs_on_disk: int
+    max_abs_diff: int | None  # pipeline output vs in-process engine output, first image
+    progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds, images done)
+
+    @property
+    def mp_per_second(self) -> float:
+        return self.summary["output_megapixels"] / self.wall_seconds
+
+    @property
+    def steady_mp_per_second(self) -> float | None:
+        """Throughput after the first batch came back (start-up and pipeline fill excluded)."""
+        if len(self.progress) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.progress[0], self.progress[-1]
+        per_image = self.summary["output_megapixels"] / max(self.summary["succeeded"], 1)
+        return (n1 - n0) * per_image / (t1 - t0) if t1 > t0 else None
+
+
+def workload_files(scale: int) -> list[Path]:
+    files: list[Path] = []
+    for name in SETS:
+        folder = SHARED / "benchmarks" / name / "LR_bicubic" / f"X{scale}"
+        files.extend(sorted(folder.glob("*.png")))
+    return files
+
+
+def make_inputs(files: list[Path], copies: int, root: Path) -> list[Path]:
+    """Copy every file ``copies`` times to ``root/copy{i}/<set>_<name>`` (distinct output names)."""
+    made = []
+    for i in range(copies):
+        folder = root / f"copy{i:03d}"
+        folder.mkdir(parents=True)
+        for src in files:
+            dst = folder / f"{src.parents[2].name}_{src.name}"
+            shutil.copyfile(src, dst)
+            made.append(dst)
+    return made
+
+
+# -- 1. bare engine ---------------------------------------------------------------------------------
+
+
+def make_upscaler(weights: Path, scale: int) -> tuple[Any, float]:
+    """The in-process engine and the seconds it took to load the weights and build it."""
+    from pipeline.engine import Upscaler
+    from pipeline.weights import load_pretrained
+
+    start = time.perf_counter()
+    upscaler = Upscaler(load_pretrained(str(weights), scale=scale), device="cpu")
+    return upscaler, time.perf_counter() - start
+
+
+def calibrate_copies(upscaler: Any, files: list[Path], min_seconds: float) -> tuple[int, float]:
+    """Copies of ``files`` needed for ``min_seconds`` of engine time, from one timed pass."""
+    from pipeline.imaging import decode_image
+
+    pixels = [decode_image(f.read_bytes(), name=f.name).pixels for f in files]
+    upscaler.upscale(pixels[0])  # warm-up (first call allocates)
+    start = time.perf_counter()
+    for p in pixels:
+        upscaler.upscale(p)
+    one_pass = time.perf_counter() - start
+    return max(1, math.ceil(min_seconds / one_pass)), one_pass
+
+
+def run_engine(upscaler: Any, inputs: list[Path], png_compress_level: int = 6) -> EngineResult:
+    """Read, decode, upscale and encode every input in this process, timing each stage."""
+    from pipeline.imaging import decode_image, encode_image
+
+    result = EngineResult()
+    meter = CpuMeter()
+    meter.start()
+    clock = time.perf_counter
+    for path in inputs:
+        t0 = clock()
+        data = path.read_bytes()
+        t1 = clock()
+        image = decode_image(data, name=path.name)
+        t2 = clock()
+        pixels = upscaler.upscale(image.pixels)
+        t3 = clock()
+        encoded = encode_image(replace(image, pixels=pixels), "png", png_compress_level=png_compress_level)
+        t4 = clock()
+        result.read_seconds += t1 - t0
+        result.decode_seconds += t2 - t1
+        result.upscale_seconds += t3 - t2
+        result.encode_seconds += t4 - t3
+        result.images += 1
+        result.output_megapixels += pixels.shape[0] * pixels.shape[1] / 1e6
+        result.encoded_megabytes += len(encoded) / 1e6
+    result.busy_cores = meter.stop()
+    return result
+
+
+# -- 2. pipeline ------------------------------------------------------------------------------------
+
+
+def ray_startup_seconds() -> float:
+    """Wall time of ``ray.init()`` + ``ray.shutdown()`` for an embedded local Ray, as run_upscale does."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    init = time.perf_counter() - start
+    ray.shutdown()
+    return init
+
+
+def run_pipeline(
+    source: Path, dest: Path, scale: int, weights: Path, check: tuple[Path, Any] | None
+) -> PipelineResult:
+    """``run_upscale`` into ``dest`` with Ray not initialized; ``check``: (input, engine output)."""
+    import ray
+
+    from pipeline.imaging import decode_image
+    from pipeline.upscale import UpscaleJob, run_upscale
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is initialized: the pipeline's time must include its start-up")
+    job = UpscaleJob(source=str(source), dest=str(dest), scale=scale, weights=str(weights))
+    progress: list[tuple[float, int]] = []
+    meter = CpuMeter()
+    meter.start()
+    start = time.perf_counter()
+
+    def on_progress(counts: Counter) -> None:
+        progress.append((time.perf_counter() - start, counts["succeeded"] + counts["failed"]))
+
+    try:
+        summary = run_upscale(job, on_progress=on_progress)
+        wall = time.perf_counter() - start
+        busy = meter.stop()
+    finally:
+        ray.shutdown()
+    max_diff = None
+    if check is not None:
+        rel, expected = check
+        produced = decode_image((dest / rel.with_suffix(".png")).read_bytes()).pixels
+        max_diff = int(abs(produced.astype(int) - expected.astype(int)).max())
+    return PipelineResult(
+        wall_seconds=wall,
+        summary=summary,
+        first_result_seconds=progress[0][0] if progress else None,
+        busy_cores=busy,
+        outputs_on_disk=sum(1 for _ in dest.rglob("*.png")),
+        max_abs_diff=max_diff,
+        progress=progress,
+    )
+
+
+def worker_threads(num_cpus: float) -> int:
+    """torch's intra-op threads inside a Ray actor that reserves ``num_cpus`` (diagnostic only)."""
+    import ray
+
+    @ray.remote(num_cpus=num_cpus)
+    class Probe:
+        def threads(self) -> int:
+            import torch
+
+            return torch.get_num_threads()
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        return ray.get(Probe.remote().threads.remote())
+    finally:
+        ray.shutdown()
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def line(label: str, text: str) -> None:
+    print(f"  {label:<32} {text}")
+
+
+def _cores(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} of {os.cpu_count()} cores busy"
+
+
+def print_engine(e: EngineResult) -> None:
+    line("images", f"{e.images}  ({e.output_megapixels:.1f} output MP)")
+    stages = {
+        "read": e.read_seconds,
+        "decode": e.decode_seconds,
+        "upscale (bare engine)": e.upscale_seconds,
+        "PNG encode (level 6)": e.encode_seconds,
+    }
+    for label, seconds in stages.items():
+        per_image = seconds / e.images * 1e3
+        line(label, f"{seconds:8.2f} s  {per_image:7.1f} ms/image  {seconds / e.serial_seconds:6.1%}")
+    line("serial total", f"{e.serial_seconds:8.2f} s")
+    line("bare engine throughput", f"{e.engine_mp_per_second:.3f} output MP/s")
+    line("serial decode+engine+encode", f"{e.output_megapixels / e.serial_seconds:.3f} output MP/s")
+    line("CPU during the pass", _cores(e.busy_cores))
+
+
+def print_pipeline(p: PipelineResult) -> None:
+    s = p.summary
+    counts = f"{s['succeeded']} / {s['failed']} / {s['skipped']}"
+    line("succeeded / failed / skipped", f"{counts}  ({p.outputs_on_disk} PNGs written)")
+    line("output", f"{s['output_megapixels']:.1f} MP")
+    line("wall time (incl. Ray start-up)", f"{p.wall_seconds:8.2f} s  (summary 'seconds' {s['seconds']:.2f})")
+    if p.first_result_seconds is not None:
+        line("first batch back after", f"{p.first_result_seconds:8.2f} s")
+    reported = s["output_megapixels_per_second"]
+    line("pipeline throughput", f"{p.mp_per_second:.3f} output MP/s  (summary says {reported:.3f})")
+    if p.steady_mp_per_second is not None:
+        line("after the first batch", f"{p.steady_mp_per_second:.3f} output MP/s")
+    line("CPU during the run", _cores(p.busy_cores))
+    if p.max_abs_diff is not None:
+        line("max |pipeline - engine|", f"{p.max_abs_diff} (first image, in 8-bit levels)")
+
+
+def print_summary(
+    engines: list[EngineResult], pipelines: list[PipelineResult], startup: float, threads: int | None
+) -> float:
+    """Print the headline figures (medians over repeats); returns the ratio."""
+    engine_rate = statistics.median(e.engine_mp_per_second for e in engines)
+    pipeline_rate = statistics.median(p.mp_per_second for p in pipelines)
+    ratio = pipeline_rate / engine_rate
+    e = engines[len(engines) // 2]
+    print("\n== summary" + (f" (median of {len(engines)} repeats)" if len(engines) > 1 else "") + " ==")
+    line("bare engine", f"{engine_rate:.3f} output MP/s")
+    line("end-to-end pipeline", f"{pipeline_rate:.3f} output MP/s")
+    line("ratio pipeline / engine", f"{ratio:.2f}  (target >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'})")
+    line("Ray start-up", f"{startup:.2f} s")
+    stages = {"decode": e.decode_seconds, "model": e.upscale_seconds, "PNG encode": e.encode_seconds}
+    line("per-image stage times", ", ".join(f"{k} {v / e.images * 1e3:.1f} ms" for k, v in stages.items()))
+    if threads is not None:
+        line("torch threads, Ray actor", f"{threads} with num_cpus=0.5 (the pipeline's CPU actor default)")
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
+    parser.add_argument("--repeat", type=int, default=1, help="engine + pipeline passes (interleaved)")
+    parser.add_argument("--copies", type=int, default=None, help="copies of Set14+Set5 (default: calibrate)")
+    parser.add_argument("--min-engine-seconds", type=float, default=60.0, help="calibration target")
+    parser.add_argument("--weights", type=Path, default=None, help="default: shared/weights/PANx{s}_DF2K.pth")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--no-probe", action="store_true", help="skip the Ray actor thread-count probe")
+    args = parser.parse_args(argv)
+
+    weights = args.weights or SHARED / "weights" / f"PANx{args.scale}_DF2K.pth"
+    files = workload_files(args.scale)
+    if not SHARED.is_dir() or not weights.is_file() or not files:
+        print(
+            f"SKIPPED: benchmark images or weights not found (shared={SHARED}, weights={weights}); "
+            "set PAN_SHARED to the folder holding benchmarks/ and weights/"
+        )
+        return 0
+    if os.environ.pop("RAY_ADDRESS", None):
+        print("note: RAY_ADDRESS ignored; this benchmark measures an embedded local Ray")
+
+    import numpy as np
+    import ray
+    import torch
+
+    from pipeline.imaging import decode_image
+
+    print(f"PAN x{args.scale} throughput: {len(files)} images from {'+'.join(SETS)}, weights {weights}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"ray {ray.__version__}, numpy {np.__version__}, load average {os.getloadavg()[0]:.2f}"
+    )
+    if ray.is_initialized():
+        raise RuntimeError("Ray must not be initialized before the benchmark starts")
+
+    startup = ray_startup_seconds()
+    print(f"\nRay start-up (embedded local ray.init, measured alone): {startup:.2f} s")
+    upscaler, load_seconds = make_upscaler(weights, args.scale)
+    print(f"model load + Upscaler construction: {load_seconds:.2f} s")
+    if args.copies is None:
+        copies, one_pass = calibrate_copies(upscaler, files, args.min_engine_seconds)
+        print(f"calibration: one engine pass over {len(files)} images = {one_pass:.2f} s -> {copies} copies")
+    else:
+        copies = args.copies
+
+    engines: list[EngineResult] = []
+    pipelines: list[PipelineResult] = []
+    with tempfile.TemporaryDirectory(prefix="pan-bench-") as tmp:
+        source = Path(tmp) / "in"
+        inputs = make_inputs(files, copies, source)
+        check = (inputs[0].relative_to(source), upscaler.upscale(decode_image(inputs[0].read_bytes()).pixels))
+        print(f"workload: {copies} copies x {len(files)} images = {len(inputs)} inputs")
+        for r in range(args.repeat):
+            print(f"\n[{r + 1}/{args.repeat}] 1. bare engine, in-process (device=cpu)")
+            engines.append(run_engine(upscaler, inputs))
+            print_engine(engines[-1])
+            print(f"\n[{r + 1}/{args.repeat}] 2. end-to-end pipeline: run_upscale (Ray start-up included)")
+            dest = Path(tmp) / f"out{r}"
+            pipelines.append(run_pipeline(source, dest, args.scale, weights, check))
+            print_pipeline(pipelines[-1])
+            shutil.rmtree(dest, ignore_errors=True)
+
+    threads = None if args.no_probe else worker_threads(0.5)
+    ratio = print_summary(engines, pipelines, startup, threads)
+
+    if args.json:
+        record = {
+            "scale": args.scale,
+            "copies": copies,
+            "images": len(files) * copies,
+            "cpus": os.cpu_count(),
+            "ray_startup_seconds": startup,
+            "model_load_seconds": load_seconds,
+            "engine": [{**asdict(x), "engine_mp_per_second": x.engine_mp_per_second} for x in engines],
+            "pipeline": [
+                {
+                    **asdict(x),
+                    "mp_per_second": x.mp_per_second,
+                    "steady_mp_per_second": x.steady_mp_per_second,
+                }
+                for x in pipelines
+            ],
+            "ratio": ratio,
+            "actor_torch_threads": threads,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The batch job end to end on a real local Ray, local folders and a loopback S3 server."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.imaging import decode_image
+from pipeline.storage import list_files
+from pipeline.upscale import UpscaleJob, run_upscale
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BAD = {"empty.png", "notes.jpg", "sub/truncated.png"}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(benchmarks_dir, tmp_path_factory):
+    """Set14 X4 LR plus a subfolder, with bad, grayscale, RGBA and 16-bit files mixed in."""
+    root = tmp_path_factory.mktemp("inputs")
+    lr = benchmarks_dir / "Set14/LR_bicubic/X4"
+    for p in sorted(lr.glob("*.png"))[:6]:
+        shutil.copy(p, root / p.name)
+    (root / "sub").mkdir()
+    comic = Image.open(lr / "comicx4.png").convert("RGB")
+    comic.convert("L").save(root / "sub/gray.png")
+    rgba = comic.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(comic.size))
+    rgba.save(root / "sub/alpha.png")
+    deep = np.asarray(comic.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(deep).save(root / "sub/deep16.png")
+    comic.save(root / "sub/comic.jpg", quality=92)
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("not an image")
+    (root / "sub/truncated.png").write_bytes((lr / "zebrax4.png").read_bytes()[:2000])
+    return root
+
+
+def _expected_pngs(root) -> set[str]:
+    return {
+        p.relative_to(root).with_suffix(".png").as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() not in BAD
+    }
+
+
+def _errors(dest) -> dict[str, str]:
+    table = pq.read_table(f"{dest}/_errors")
+    return dict(zip(table.column("key").to_pylist(), table.column("error_type").to_pylist(), strict=True))
+
+
+def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights_dir, tmp_path, capsys):
+    dest = tmp_path / "out"
+    weights = str(weights_dir / "PANx4_DF2K.pth")
+    assert main(["upscale", str(mixed_inputs), str(dest), "--scale", "4", "--weights", weights]) == 0
+    written = {f for f in list_files(str(dest)) if not f.startswith("_")}
+    assert written == _expected_pngs(mixed_inputs)
+    # each output equals what `pan upscale-image` writes for that file
+    for name in ["sub/gray.png", "sub/alpha.png", "sub/deep16.png", "sub/comic.png", "baboonx4.png"]:
+        src = next(mixed_inputs.glob(f"{name[:-4]}.*"))
+        single = tmp_path / "single.png"
+        assert main(["upscale-image", str(src), str(single), "--scale", "4", "--weights", weights]) == 0
+        ours, theirs = decode_image((dest / name).read_bytes()), decode_image(single.read_bytes())
+        # Same pipeline of code; torch's thread count differs between a Ray actor and the CLI, which
+        # can flip a rounding: pixels agree within one level, everything else exactly.
+        assert ours.pixels.shape == theirs.pixels.shape and ours.pixels.dtype == theirs.pixels.dtype, name
+        assert np.abs(ours.pixels.astype(int) - theirs.pixels).max() <= 1, name
+        assert (ours.alpha is None) == (theirs.alpha is None), name
+    with Image.open(dest / "sub/gray.png") as im:
+        assert im.mode == "L"
+    with Image.open(dest / "sub/alpha.png") as im:
+        assert im.mode == "RGBA" and im.size == (62 * 4, 90 * 4)
+    assert decode_image((dest / "sub/deep16.png").read_bytes()).pixels.dtype == np.uint16
+    assert set(_errors(dest)) == BAD
+    assert _errors(dest)["sub/truncated.png"] == "TruncatedImageError"
+    summary = json.loads((dest / "_summary.json").read_text())
+    assert summary["succeeded"] == len(_expected_pngs(mixed_inputs)) and summary["failed"] == 3
+    assert summary["inputs"] == summary["succeeded"] + summary["failed"] + summary["skipped"]
+    assert summary["output_megapixels"] == pytest.approx(16 * summary["input_megapixels"])
+    capsys.readouterr()
+
+    again = run_upscale(UpscaleJob(source=str(mixed_inputs), dest=str(dest), scale=4, weights=weights))
+    assert again["skipped"] == summary["succeeded"] and again["succeeded"] == 0 and again["failed"] == 3
+    assert again["inputs"] == summary["inputs"]
+
+
+def test_max_error_fraction_fails_the_run(local_ray, mixed_inputs, weights_dir, tmp_path, capsys):
+    argv = ["upscale", str(mixed_inputs), str(tmp_path / "o"), "--scale", "4", "--max-error-fraction", "0.1"]
+    assert main([*argv, "--weights", str(weights_dir / "PANx4_DF2K.pth")]) == 2
+    assert "inputs failed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o/_summary.json").read_text())["failed"] == 3
+
+
+def test_s3_to_s3(local_ray, s3_server, benchmarks_dir, weights_dir):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="photos")
+    lr = sorted((benchmarks_dir / "Set5/LR_bicubic/X4").glob("*.png"))
+    for p in lr:
+        s3.put_object(Bucket="photos", Key=f"in/nested/{p.name}", Body=p.read_bytes())
+    s3.put_object(Bucket="photos", Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\n broken")
+    job = UpscaleJob(
+        source="s3://photos/in", dest="s3://photos/out", scale=4, weights=str(weights_dir / "PANx4_DF2K.pth")
+    )
+    summary = run_upscale(job)
+    assert (summary["succeeded"], summary["failed"]) == (5, 1)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="photos", Prefix="out/")["Contents"]}
+    assert {f"out/nested/{p.name}" for p in lr} <= keys and "out/_summary.json" in keys
+    body = s3.get_object(Bucket="photos", Key="out/nested/birdx4.png")["Body"].read()
+    assert decode_image(body).pixels.shape == (288, 288, 3)
+    assert run_upscale(job)["skipped"] == 5
+
+
+def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weights_dir, tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    lr = sorted((benchmarks_dir / "Set5/LR_bicubic/X2").glob("*.png"))
+    pq.write_table(
+        pa.table({"key": [p.stem for p in lr[:3]], "image": [p.read_bytes() for p in lr[:3]]}),
+        src / "a.parquet",
+    )
+    with tarfile.open(src / "b.tar", "w") as tar:
+        for p in lr[3:]:
+            tar.add(p, arcname=f"{p.stem}.png")
+            info = tarfile.TarInfo(f"{p.stem}.json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    dest = tmp_path / "out"
+    job = UpscaleJob(
+        source=str(src),
+        dest=str(dest),
+        scale=2,
+        weights=str(weights_dir / "PANx2_DF2K.pth"),
+        format="parquet",
+    )
+    summary = run_upscale(job)
+    assert (summary["succeeded"], summary["failed"]) == (5, 0)
+    table = pq.read_table(dest / "parquet")
+    assert sorted(table.column("name").to_pylist()) == sorted(
+        [f"a/{p.stem}.png" for p in lr[:3]] + [f"b/{p.stem}.png" for p in lr[3:]]
+    )
+    for row in table.to_pylist():
+        image = decode_image(row["png"])
+        assert (image.width, image.height) == (row["output_width"], row["output_height"])
+        assert (row["output_width"], row["output_height"]) == (
+            2 * row["input_width"],
+            2 * row["input_height"],
+        )
+        assert row["weights_id"] == "PANx2_DF2K" and len(row["weights_sha256"]) == 64 and row["scale"] == 2
+    assert run_upscale(job)["skipped"] == 5  # shard members are resumed too
