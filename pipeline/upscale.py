@@ -9,6 +9,7 @@ as exactly one of succeeded, failed (a row in ``DEST/_errors``) or skipped.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -305,13 +306,22 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
 
 
 def _user_error(exc: BaseException) -> PipelineError | None:
-    """The PipelineError (bad weights, unusable device...) that made a Ray task or actor fail."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, PipelineError):
-            return exc
-        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    """The PipelineError (bad weights, unusable device...) that made a Ray task or actor fail.
+
+    Ray passes some failures (an actor's constructor) only as text, so the text is read too.
+    """
+    from pipeline import errors
+
+    chain, seen = exc, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, PipelineError):
+            return chain
+        chain = chain.__cause__ or chain.__context__
+    match = re.search(r"pipeline\.errors\.(\w+): (.+)", str(exc))
+    error_class = getattr(errors, match.group(1), None) if match else None
+    if isinstance(error_class, type) and issubclass(error_class, PipelineError):
+        return error_class(match.group(2).strip())
     return None
 
 

@@ -1,0 +1,119 @@
+"""The batch job where clusters misbehave: a killed driver, a lost node, GPU scheduling."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import DeviceError
+from pipeline.storage import list_files
+from pipeline.upscale import UpscaleJob, _actor_pool, run_upscale
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PAN_BIN = str(Path(sys.executable).with_name("pan"))
+
+
+@pytest.fixture
+def many_inputs(benchmarks_dir, tmp_path):
+    """Set14 + Set5 X2 LR images, three copies each: a run of some seconds."""
+    root = tmp_path / "in"
+    for copy in range(3):
+        for p in sorted(benchmarks_dir.glob("Set*/LR_bicubic/X2/*.png")):
+            (root / f"c{copy}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, root / f"c{copy}" / p.name)
+    return root
+
+
+def _outputs(dest: Path) -> list[str]:
+    return [f for f in list_files(str(dest)) if not f.startswith("_")]
+
+
+def test_killed_driver_resumes_with_each_output_once(many_inputs, weights_dir, tmp_path):
+    dest = tmp_path / "out"
+    argv = [
+        PAN_BIN,
+        "upscale",
+        str(many_inputs),
+        str(dest),
+        "--scale",
+        "2",
+        "--weights",
+        str(weights_dir / "PANx2_DF2K.pth"),
+    ]
+    run = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_outputs(dest)) < 5:
+        assert run.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and the Ray it started
+    run.wait()
+    partial = len(_outputs(dest))
+    inputs = len(list(many_inputs.rglob("*.png")))
+    assert 5 <= partial < inputs
+
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    outputs = _outputs(dest)
+    assert len(outputs) == len(set(outputs)) == inputs
+    assert all(f.endswith(".png") and not Path(f).name.startswith(".") for f in outputs)
+    assert "0 failed" in again.stdout and f"{inputs} inputs" in again.stdout
+
+
+def test_losing_a_node_mid_run_still_gives_every_output(many_inputs, weights_dir, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        dest = tmp_path / "out"
+        job = UpscaleJob(
+            source=str(many_inputs),
+            dest=str(dest),
+            scale=2,
+            weights=str(weights_dir / "PANx2_DF2K.pth"),
+            actors=2,
+        )
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(run_upscale(job)))
+        runner.start()
+        deadline = time.time() + 240
+        while time.time() < deadline and len(_outputs(dest)) < 3 and runner.is_alive():
+            time.sleep(0.2)
+        cluster.remove_node(workers[0])
+        runner.join(timeout=600)
+        assert not runner.is_alive()
+        inputs = len(list(many_inputs.rglob("*.png")))
+        assert result["succeeded"] == inputs and result["failed"] == 0
+        assert len(_outputs(dest)) == inputs
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weights_dir, tmp_path):
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        src = benchmarks_dir / "Set5/LR_bicubic/X4"
+        weights = str(weights_dir / "PANx4_DF2K.pth")
+        job = UpscaleJob(source=str(src), dest=str(tmp_path / "cpu"), scale=4, weights=weights, device="cpu")
+        assert _actor_pool(job) == {"size": 1, "num_gpus": 1, "num_cpus": 1}
+        assert run_upscale(job)["succeeded"] == 5
+        # the same actor on device "auto" must use its GPU, which CUDA cannot see here
+        auto = UpscaleJob(source=str(src), dest=str(tmp_path / "auto"), scale=4, weights=weights)
+        with pytest.raises(DeviceError, match="CUDA sees no GPU"):
+            run_upscale(auto)
+    finally:
+        ray.shutdown()
