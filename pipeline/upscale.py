@@ -53,7 +53,12 @@ class UpscaleJob(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> UpscaleJob:
         """Settings from a YAML spec (e.g. ``jobs/nightly-upscale.yaml``), overridden by non-None kwargs."""
-        spec = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            spec = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise PipelineError(f"cannot read job spec {path}: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise PipelineError(f"job spec {path} is not a mapping of settings")
         return cls(**{**spec, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -268,8 +273,8 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
     import ray.data
 
     started = time.perf_counter()
-    weights_id, weights_sha256 = _weights_identity(job)
     todo, collisions, skipped = plan(job)
+    weights_id, weights_sha256 = _weights_identity(job)
     sinks.prepare_dest(job.dest, job.format, overwrite=job.overwrite, storage_options=job.storage_options)
     for key, name in collisions:
         message = f"{key}: its output name {name} is taken by another input; rename one of them"

@@ -1,0 +1,58 @@
+"""Job settings and planning, without Ray."""
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.upscale import UpscaleJob, plan
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_yaml_spec_with_flag_overrides():
+    job = UpscaleJob.from_yaml(
+        REPO / "jobs/nightly-upscale.yaml", source="s3://a/in", dest="s3://a/out", scale=3
+    )
+    assert (job.scale, job.format, job.max_error_fraction, job.weights) == (3, "both", 0.05, "eugenesiow/pan")
+
+
+def test_bad_settings_are_one_line(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("scale: 5\n")
+    assert main(["upscale", "in", "out", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pan: error: invalid job settings") and "\n" not in err
+    with pytest.raises(PipelineError, match="not a mapping"):
+        (tmp_path / "list.yaml").write_text("- 1\n")
+        UpscaleJob.from_yaml(tmp_path / "list.yaml", source="a", dest="b")
+
+
+def test_plan_skips_done_and_reports_name_collisions(tmp_path):
+    src, dest = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    for name in ["a.jpg", "a.png", "b.png", "sub/c.webp", ".hidden.png", "notes.txt"]:
+        (src / name).write_bytes(b"x")
+    (dest / "sub").mkdir(parents=True)
+    (dest / "sub/c.png").write_bytes(b"done")
+    todo, collisions, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
+    assert [u.rel for u in todo] == ["a.jpg", "b.png"]
+    assert collisions == [("a.png", "a.png")] and skipped == 1
+    todo, _, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2, overwrite=True))
+    assert skipped == 0 and "sub/c.webp" in [u.rel for u in todo]
+
+
+def test_missing_source_is_a_clear_error(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "upscale",
+                str(tmp_path / "nope"),
+                str(tmp_path / "o"),
+                "--scale",
+                "2",
+                "--weights",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "pan: error: source not found" in capsys.readouterr().err
