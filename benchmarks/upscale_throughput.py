@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -39,40 +40,112 @@ from typing import Any
 
 SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SETS = ("Set14", "Set5")
+CONTENTION_CORES = 0.25  # other processes' average CPU use above which the summary warns
 
 
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-class CpuMeter:
-    """Whole-machine CPU use between ``start()`` and ``stop()``, from /proc/stat (Linux only).
+@dataclass(frozen=True)
+class CpuUse:
+    """Average busy cores over a measured span (1.0 = one core fully busy)."""
 
-    Reported as busy cores (1.0 = one core fully busy), which covers Ray's worker processes too and
-    shows when something else on the machine is competing for the CPUs.
+    machine: float  # every process on the machine, from /proc/stat
+    ours: float  # this process and its descendants (Ray's GCS, raylet and workers)
+
+    @property
+    def others(self) -> float:
+        """What other work on the machine took: the contention the figures were measured under."""
+        return max(self.machine - self.ours, 0.0)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.machine:.2f} of {os.cpu_count()} cores busy: benchmark {self.ours:.2f}, "
+            f"other processes {self.others:.2f}"
+        )
+
+
+class CpuMeter:
+    """Measures :class:`CpuUse` between ``start()`` and ``stop()`` (Linux /proc; None elsewhere).
+
+    A thread samples the CPU time of this process's descendants every ``interval`` seconds, so Ray
+    workers that exit before ``stop()`` are still counted (up to their last sample).
     """
 
-    def __init__(self) -> None:
-        self._start: tuple[float, float] | None = None
+    def __init__(self, interval: float = 0.5) -> None:
+        self._interval = interval
+        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first: dict[int, float] = {}  # pid -> CPU seconds when first seen
+        self._last: dict[int, float] = {}  # pid -> CPU seconds when last seen
+        self._machine: tuple[float, float] | None = None
+        self._wall = 0.0
 
     @staticmethod
-    def _read() -> tuple[float, float] | None:
+    def _machine_ticks() -> tuple[float, float] | None:
+        """(busy, total) jiffies of all CPUs since boot."""
         try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         except OSError:
             return None
-        values = [float(v) for v in fields]
         idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
         return sum(values) - idle, sum(values)
 
-    def start(self) -> None:
-        self._start = self._read()
+    def _tree_cpu(self) -> dict[int, float]:
+        """CPU seconds (user + system) of this process and all its descendants, by pid."""
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited while we looked
+            pid = int(stat.parent.name)
+            parents[pid] = int(fields[1])
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / self._ticks
+        root, tree = os.getpid(), {}
+        for pid in cpu:
+            p, depth = pid, 0
+            while p not in (0, 1, root) and depth < 64:
+                p, depth = parents.get(p, 0), depth + 1
+            if p == root:
+                tree[pid] = cpu[pid]
+        return tree
 
-    def stop(self) -> float | None:
-        end = self._read()
-        if self._start is None or end is None or end[1] == self._start[1]:
+    def _sample(self, baseline: bool = False) -> None:
+        for pid, seconds in self._tree_cpu().items():
+            self._first.setdefault(pid, seconds if baseline else 0.0)  # a new process starts at 0
+            self._last[pid] = seconds
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def start(self) -> None:
+        self._machine = self._machine_ticks()
+        if self._machine is None:
+            return
+        self._first.clear()
+        self._last.clear()
+        self._sample(baseline=True)  # CPU already used by processes alive now is not counted
+        self._wall = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> CpuUse | None:
+        if self._thread is None or self._machine is None:
             return None
-        busy, total = end[0] - self._start[0], end[1] - self._start[1]
-        return busy / total * (os.cpu_count() or 1)
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        end = self._machine_ticks()
+        wall = time.perf_counter() - self._wall
+        if end is None or end[1] == self._machine[1] or wall <= 0:
+            return None
+        machine = (end[0] - self._machine[0]) / (end[1] - self._machine[1]) * (os.cpu_count() or 1)
+        ours = sum(self._last[pid] - self._first[pid] for pid in self._last) / wall
+        return CpuUse(machine=machine, ours=ours)
 
 
 @dataclass
@@ -86,7 +159,7 @@ class EngineResult:
     upscale_seconds: float = 0.0
     encode_seconds: float = 0.0
     encoded_megabytes: float = 0.0
-    busy_cores: float | None = None
+    cpu: CpuUse | None = None
 
     @property
     def engine_mp_per_second(self) -> float:
@@ -104,7 +177,7 @@ class PipelineResult:
     wall_seconds: float
     summary: dict[str, Any]
     first_result_seconds: float | None  # wall time until the first finished batch came back
-    busy_cores: float | None
+    cpu: CpuUse | None
     outputs_on_disk: int
     max_abs_diff: int | None  # pipeline output vs in-process engine output, first image
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds, images done)
@@ -157,17 +230,22 @@ def make_upscaler(weights: Path, scale: int) -> tuple[Any, float]:
     return upscaler, time.perf_counter() - start
 
 
-def calibrate_copies(upscaler: Any, files: list[Path], min_seconds: float) -> tuple[int, float]:
-    """Copies of ``files`` needed for ``min_seconds`` of engine time, from one timed pass."""
+def engine_pass(upscaler: Any, files: list[Path], threads: int | None = None) -> tuple[float, float]:
+    """(seconds, output MP) of one warm engine pass over ``files``, with torch on ``threads`` threads."""
+    import torch
+
     from pipeline.imaging import decode_image
 
     pixels = [decode_image(f.read_bytes(), name=f.name).pixels for f in files]
-    upscaler.upscale(pixels[0])  # warm-up (first call allocates)
-    start = time.perf_counter()
-    for p in pixels:
-        upscaler.upscale(p)
-    one_pass = time.perf_counter() - start
-    return max(1, math.ceil(min_seconds / one_pass)), one_pass
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        upscaler.upscale(pixels[0])  # warm-up (first call allocates)
+        start = time.perf_counter()
+        megapixels = sum(out.shape[0] * out.shape[1] for out in map(upscaler.upscale, pixels)) / 1e6
+        return time.perf_counter() - start, megapixels
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_engine(upscaler: Any, inputs: list[Path], png_compress_level: int = 6) -> EngineResult:
@@ -195,7 +273,7 @@ def run_engine(upscaler: Any, inputs: list[Path], png_compress_level: int = 6) -
         result.images += 1
         result.output_megapixels += pixels.shape[0] * pixels.shape[1] / 1e6
         result.encoded_megabytes += len(encoded) / 1e6
-    result.busy_cores = meter.stop()
+    result.cpu = meter.stop()
     return result
 
 
@@ -236,7 +314,7 @@ def run_pipeline(
     try:
         summary = run_upscale(job, on_progress=on_progress)
         wall = time.perf_counter() - start
-        busy = meter.stop()
+        cpu = meter.stop()
     finally:
         ray.shutdown()
     max_diff = None
@@ -248,7 +326,7 @@ def run_pipeline(
         wall_seconds=wall,
         summary=summary,
         first_result_seconds=progress[0][0] if progress else None,
-        busy_cores=busy,
+        cpu=cpu,
         outputs_on_disk=sum(1 for _ in dest.rglob("*.png")),
         max_abs_diff=max_diff,
         progress=progress,
@@ -280,10 +358,6 @@ def line(label: str, text: str) -> None:
     print(f"  {label:<32} {text}")
 
 
-def _cores(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f} of {os.cpu_count()} cores busy"
-
-
 def print_engine(e: EngineResult) -> None:
     line("images", f"{e.images}  ({e.output_megapixels:.1f} output MP)")
     stages = {
@@ -298,7 +372,7 @@ def print_engine(e: EngineResult) -> None:
     line("serial total", f"{e.serial_seconds:8.2f} s")
     line("bare engine throughput", f"{e.engine_mp_per_second:.3f} output MP/s")
     line("serial decode+engine+encode", f"{e.output_megapixels / e.serial_seconds:.3f} output MP/s")
-    line("CPU during the pass", _cores(e.busy_cores))
+    line("CPU during the pass", str(e.cpu))
 
 
 def print_pipeline(p: PipelineResult) -> None:
@@ -313,13 +387,17 @@ def print_pipeline(p: PipelineResult) -> None:
     line("pipeline throughput", f"{p.mp_per_second:.3f} output MP/s  (summary says {reported:.3f})")
     if p.steady_mp_per_second is not None:
         line("after the first batch", f"{p.steady_mp_per_second:.3f} output MP/s")
-    line("CPU during the run", _cores(p.busy_cores))
+    line("CPU during the run", str(p.cpu))
     if p.max_abs_diff is not None:
         line("max |pipeline - engine|", f"{p.max_abs_diff} (first image, in 8-bit levels)")
 
 
 def print_summary(
-    engines: list[EngineResult], pipelines: list[PipelineResult], startup: float, threads: int | None
+    engines: list[EngineResult],
+    pipelines: list[PipelineResult],
+    startup: float,
+    threads: int | None,
+    single_rate: float,
 ) -> float:
     """Print the headline figures (medians over repeats); returns the ratio."""
     engine_rate = statistics.median(e.engine_mp_per_second for e in engines)
@@ -330,7 +408,16 @@ def print_summary(
     line("bare engine", f"{engine_rate:.3f} output MP/s")
     line("end-to-end pipeline", f"{pipeline_rate:.3f} output MP/s")
     line("ratio pipeline / engine", f"{ratio:.2f}  (target >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'})")
+    line("bare engine, 1 torch thread", f"{single_rate:.3f} output MP/s (one calibration pass)")
+    line("ratio pipeline / 1-thread engine", f"{pipeline_rate / single_rate:.2f}")
     line("Ray start-up", f"{startup:.2f} s")
+    others = [x.cpu.others for x in [*engines, *pipelines] if x.cpu is not None]
+    if others and max(others) > CONTENTION_CORES:
+        print(
+            f"  WARNING: other processes took up to {max(others):.2f} cores during the measurements; on "
+            f"{os.cpu_count()} cores that skews the ratio (a multi-threaded in-process engine suffers "
+            "most). Re-run on an idle machine for comparable figures."
+        )
     stages = {"decode": e.decode_seconds, "model": e.upscale_seconds, "PNG encode": e.encode_seconds}
     line("per-image stage times", ", ".join(f"{k} {v / e.images * 1e3:.1f} ms" for k, v in stages.items()))
     if threads is not None:
@@ -346,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-engine-seconds", type=float, default=60.0, help="calibration target")
     parser.add_argument("--weights", type=Path, default=None, help="default: shared/weights/PANx{s}_DF2K.pth")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--engine-threads", type=int, default=None, help="torch threads of the bare engine (default: torch's)"
+    )
     parser.add_argument("--no-probe", action="store_true", help="skip the Ray actor thread-count probe")
     args = parser.parse_args(argv)
 
@@ -366,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.imaging import decode_image
 
+    if args.engine_threads:
+        torch.set_num_threads(args.engine_threads)
     print(f"PAN x{args.scale} throughput: {len(files)} images from {'+'.join(SETS)}, weights {weights}")
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -378,11 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nRay start-up (embedded local ray.init, measured alone): {startup:.2f} s")
     upscaler, load_seconds = make_upscaler(weights, args.scale)
     print(f"model load + Upscaler construction: {load_seconds:.2f} s")
-    if args.copies is None:
-        copies, one_pass = calibrate_copies(upscaler, files, args.min_engine_seconds)
-        print(f"calibration: one engine pass over {len(files)} images = {one_pass:.2f} s -> {copies} copies")
-    else:
-        copies = args.copies
+    # Best of two passes: a burst of other work on the machine should not shrink the workload.
+    one_pass, megapixels = min(engine_pass(upscaler, files) for _ in range(2))
+    copies = args.copies or max(1, math.ceil(args.min_engine_seconds / one_pass))
+    print(
+        f"calibration: one engine pass over {len(files)} images = {one_pass:.2f} s "
+        f"({megapixels / one_pass:.3f} MP/s) -> {copies} copies"
+    )
+    single, _ = engine_pass(upscaler, files, threads=1)
+    single_rate = megapixels / single
+    print(
+        f"same pass with torch on 1 thread (what a Ray actor with num_cpus < 2 gets): {single:.2f} s "
+        f"({single_rate:.3f} MP/s)"
+    )
 
     engines: list[EngineResult] = []
     pipelines: list[PipelineResult] = []
@@ -402,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(dest, ignore_errors=True)
 
     threads = None if args.no_probe else worker_threads(0.5)
-    ratio = print_summary(engines, pipelines, startup, threads)
+    ratio = print_summary(engines, pipelines, startup, threads, single_rate)
 
     if args.json:
         record = {
@@ -412,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "ray_startup_seconds": startup,
             "model_load_seconds": load_seconds,
+            "calibration_pass_seconds": one_pass,
+            "single_thread_engine_mp_per_second": single_rate,
             "engine": [{**asdict(x), "engine_mp_per_second": x.engine_mp_per_second} for x in engines],
             "pipeline": [
                 {

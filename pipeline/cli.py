@@ -116,42 +116,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from pipeline.evaluate import evaluate, load_benchmark
+    from pipeline.eval_job import EvalJob, run_eval
     from pipeline.report import markdown_table
+    from pipeline.storage import write_bytes
 
-    upscaler = _upscaler(args)
-    name, pairs = load_benchmark(args.data, args.scale, split=args.split)
+    settings = {
+        k: getattr(args, k)
+        for k in ("split", "device", "precision", "tile", "compare_dir", "address", "actors")
+    }
+    job = EvalJob(
+        tuple(args.data),
+        tuple(args.scale),
+        args.weights,
+        **{k: v for k, v in settings.items() if v is not None},
+    )
     with Progress(transient=True, console=_stderr_console()) as progress:
-        task = progress.add_task(f"{name} x{args.scale}", total=len(pairs))
-
-        def on_image(pair, score, sr, bicubic) -> None:
-            progress.advance(task)
-            if args.compare_dir:
-                _save_picture(
-                    _eval_picture(pair, score, sr, bicubic),
-                    f"{args.compare_dir}/{pair.name}_x{args.scale}.png",
-                )
-
-        report = evaluate(upscaler, name, pairs, on_image=on_image)
-    print(markdown_table([report]))
+        task = progress.add_task("evaluating", total=None)
+        reports = run_eval(
+            job, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    print(markdown_table(reports))
     if args.report:
-        from pipeline.storage import write_bytes
-
-        write_bytes(args.report, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        # One (set, scale): the report object; several: a list of them.
+        payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
+        write_bytes(args.report, (json.dumps(payload, indent=2) + "\n").encode())
         print(f"report -> {args.report}")
     return 0
-
-
-def _eval_picture(pair, score, sr, bicubic):
-    from pipeline.report import comparison_picture
-
-    return comparison_picture(
-        [
-            (f"Bicubic {score.bicubic_psnr_y:.2f} dB", bicubic),
-            (f"PAN {score.psnr_y:.2f} dB", sr),
-            ("HR", pair.hr),
-        ]
-    )
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -168,16 +158,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     overrides.update(source=args.source, dest=args.dest)
     if args.overwrite:
         overrides["overwrite"] = True
-    try:
-        if args.config:
-            job = UpscaleJob.from_yaml(args.config, **overrides)
-        else:
-            job = UpscaleJob(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic's ValidationError
-        first = str(exc).splitlines()
-        raise PipelineError(
-            f"invalid job settings: {' '.join(first[1:3]) if len(first) > 2 else exc}"
-        ) from exc
+    job = _job_settings(UpscaleJob, args.config, overrides)
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -206,6 +187,43 @@ UPSCALE_FLAGS = (
     "scale", "weights", "format", "image_column", "device", "precision", "tile",
     "actors", "max_error_fraction", "address", "png_compress_level", "max_pixels",
 )  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train import TrainJob, run_training
+
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    if args.gpu:
+        overrides["gpu"] = True
+    job = _job_settings(TrainJob, args.config, overrides)
+    result = run_training(job)
+    if result.error:
+        raise PipelineError(f"training failed: {str(result.error).splitlines()[0]}")
+    metrics = result.metrics or {}
+    best = metrics.get("best_val_psnr_y")
+    best_text = f", best val PSNR_Y {best:.3f} dB" if best not in (None, float("-inf")) else ""
+    print(f"{job.name}: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.5f}{best_text}")
+    print(f"metrics -> {job.run_dir}/metrics.jsonl; weights -> {job.run_dir}/export")
+    return 0
+
+
+TRAIN_FLAGS = (
+    "data", "lr_data", "scale", "workers", "max_steps", "storage", "name", "batch_size", "patch_size", "lr",
+    "init_weights", "val_data", "val_every", "ema_decay", "address",
+)  # fmt: skip
+
+
+def _job_settings(job_class, config: str | None, overrides: dict):
+    """A job's settings: its YAML spec (if any) overridden by the flags that were given."""
+    try:
+        if config:
+            return job_class.from_yaml(config, **overrides)
+        return job_class(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError: name the first problem in one line
+        lines = str(exc).splitlines()
+        raise PipelineError(
+            f"invalid job settings: {' '.join(lines[1:3]) if len(lines) > 2 else exc}"
+        ) from exc
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -247,16 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(handler=cmd_compare)
 
-    p = sub.add_parser("eval", help="PSNR/SSIM on a benchmark set, with the bicubic baseline")
+    p = sub.add_parser("eval", help="PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline")
     p.add_argument(
         "--data",
+        action="append",
         required=True,
-        help="folder with HR/ (+ LR_bicubic/), Parquet, imagefolder or hub id",
+        help="folder with HR/ (+ LR_bicubic/), image folder, Parquet, imagefolder or hub id (repeatable)",
     )
+    p.add_argument(
+        "--scale", type=int, choices=(2, 3, 4), action="append", required=True, help="(repeatable)"
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="as for upscale-image; '{scale}' is replaced per scale, e.g. weights/PANx{scale}_DF2K.pth",
+    )
+    p.add_argument("--device", default=None, help="where actors compute: auto (default), cpu, cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--tile", type=int, metavar="PX", help="input tile size; 0 = whole image")
     p.add_argument("--split", default=None, help="dataset split (default: test, validation or the only one)")
     p.add_argument("--report", metavar="OUT.json", help="write the scores as JSON")
-    p.add_argument("--compare-dir", metavar="DIR", help="write a comparison picture per image here")
-    _add_model_options(p)
+    p.add_argument("--compare-dir", metavar="DIR", help="write DIR/<set>/x<scale>/<image>.png pictures")
+    p.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("upscale", help="upscale a folder, S3 prefix or shards on Ray (the batch job)")
@@ -278,6 +309,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="refuse larger inputs (default: 40,000,000)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_upscale)
+
+    p = sub.add_parser("train", help="train or fine-tune PAN on Ray Train (the same name resumes)")
+    p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
+    p.add_argument("--data", help="training images: folder, DIV2K zip, Parquet, imagefolder or hub id")
+    p.add_argument("--lr-data", help="matching LR archive/folder (default: bicubic from HR)")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4))
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: 1)")
+    p.add_argument("--max-steps", type=int, help="train until this many iterations in all")
+    p.add_argument("--storage", help="where runs live: folder or s3:// URL (default: runs)")
+    p.add_argument("--name", help="run name: the same name resumes")
+    p.add_argument("--batch-size", type=int, help="LR patches per step over all workers (default: 32)")
+    p.add_argument("--patch-size", type=int, help="LR patch size in pixels (default: 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 7e-4)")
+    p.add_argument("--init-weights", help="fine-tune from these weights")
+    p.add_argument("--val-data", help="benchmark set for validation, e.g. Set5")
+    p.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default: 500)")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, AMP")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("weights", help="list the known published weights")
     p.set_defaults(handler=cmd_weights)

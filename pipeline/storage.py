@@ -23,8 +23,15 @@ def is_url(location: str) -> bool:
 def filesystem(
     location: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path within it for a local path or URL."""
-    return fsspec.core.url_to_fs(location, **(storage_options or {}))
+    """The filesystem and the path within it for a local path or URL.
+
+    fsspec shares filesystem instances and their listing caches within a process; files here change
+    under us (re-runs, other workers), so the cache for the location is dropped first. A stale entry
+    made s3fs send an old ETag and fail with PreconditionFailed.
+    """
+    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    fs.invalidate_cache(path)
+    return fs, path
 
 
 def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -75,3 +82,26 @@ def remove(location: str, storage_options: dict[str, Any] | None = None) -> None
     fs, path = filesystem(location, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def upload_dir(local: str | Path, location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Copy the files of a local folder to ``location`` (replacing files of the same names)."""
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            write_bytes(
+                join(location, path.relative_to(local).as_posix()), path.read_bytes(), storage_options
+            )
+
+
+def pyarrow_filesystem(location: str, storage_options: dict[str, Any] | None = None):
+    """(pyarrow filesystem, path) for libraries that take pyarrow filesystems (Ray Train, Ray Data).
+
+    Wraps the fsspec filesystem rather than using pyarrow's own S3 client, which ignores
+    ``AWS_ENDPOINT_URL``: one resolution of credentials and endpoints for the whole project.
+    """
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(location, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return None, path
+    return PyFileSystem(FSSpecHandler(fs)), path

@@ -188,14 +188,15 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def _connect(job: UpscaleJob) -> None:
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray; no-op if connected."""
     import ray
 
     if ray.is_initialized():
         return
-    address = job.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     # Workers of an embedded Ray inherit this process's environment (AWS_* included).
-    ray.init(address=address, include_dashboard=False if not address else None, log_to_driver=False)
+    ray.init(address=address, include_dashboard=False if not address else None)
 
 
 def _actor_pool(job: UpscaleJob) -> dict[str, Any]:
@@ -282,7 +283,7 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
     counts = Counter(skipped=skipped, failed=len(collisions))
     pixels = Counter()
     if todo:
-        _connect(job)
+        connect_ray(job.address)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(job, todo, weights_id, weights_sha256)
         try:

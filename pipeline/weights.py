@@ -31,6 +31,7 @@ import torch
 
 from pipeline.errors import WeightsError
 from pipeline.model import PAN, SCALES, PANConfig
+from pipeline.storage import filesystem, read_bytes
 
 DEFAULT_SOURCE = "eugenesiow/pan"
 CONFIG_NAME = "config.json"
@@ -125,11 +126,8 @@ class _Located:
 
 
 def _read_url(url: str, storage_options: dict[str, Any]) -> bytes:
-    import fsspec
-
     try:
-        with fsspec.open(url, "rb", **storage_options) as f:
-            return f.read()
+        return read_bytes(url, storage_options)
     except FileNotFoundError as exc:
         raise WeightsError(f"weights file not found: {url}") from exc
     except Exception as exc:  # fsspec back-ends raise their own types (botocore, aiohttp, ...)
@@ -137,11 +135,9 @@ def _read_url(url: str, storage_options: dict[str, Any]) -> bytes:
 
 
 def _locate_fsspec(source: str, scale: int, storage_options: dict[str, Any]) -> _Located:
-    import fsspec
-
     if source.lower().endswith(WEIGHT_SUFFIXES):
         return _Located(source, _read_url(source, storage_options), None, None)
-    fs, root = fsspec.core.url_to_fs(source, **storage_options)
+    fs, root = filesystem(source, storage_options)
     protocol = source.split("://", 1)[0]
     for name in (safetensors_name(scale), pt_name(scale)):
         path = f"{root.rstrip('/')}/{name}"

@@ -99,7 +99,22 @@ def test_eval_writes_the_report(weights_dir, benchmarks_dir, tmp_path, capsys):
     assert set(data) >= {"dataset", "scale", "psnr_y", "ssim_y", "bicubic", "images"}
     assert data["dataset"] == "Set5" and data["scale"] == 4 and abs(data["psnr_y"] - 32.1311) < 0.005
     assert set(data["images"][0]) >= {"name", "psnr_y", "ssim_y"}
-    assert len(list((tmp_path / "cmp").glob("*.png"))) == 5
+    assert len(list((tmp_path / "cmp/Set5/x4").glob("*.png"))) == 5
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_eval_several_sets_and_scales(weights_dir, benchmarks_dir, tmp_path, capsys):
+    report = tmp_path / "all.json"
+    argv = ["eval", "--data", str(benchmarks_dir / "Set5"), "--data", str(benchmarks_dir / "Set14")]
+    argv += ["--scale", "2", "--scale", "4", "--weights", str(weights_dir / "PANx{scale}_DF2K.pth")]
+    assert main([*argv, "--report", str(report)]) == 0
+    table = capsys.readouterr().out
+    assert "|Set5|2x|33.67/" in table and "|Set14|4x|26.09/" in table
+    data = json.loads(report.read_text())
+    expected = [("Set5", 2), ("Set5", 4), ("Set14", 2), ("Set14", 4)]
+    assert [(r["dataset"], r["scale"]) for r in data] == expected
+    assert abs(data[2]["psnr_y"] - 33.5927) < 0.005
 
 
 def test_user_errors_are_one_line(capsys, tmp_path, weights_dir):

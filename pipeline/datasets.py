@@ -1,0 +1,456 @@
+"""Image pairs (HR + LR) for training and evaluation, read lazily, and the training patch dataset.
+
+A ``PairSource`` is a sized, random-access list of pairs: ``pair(i)`` decodes item ``i`` when called
+and nothing is decoded up front, so a training worker reads only the items it samples. Each pair is
+a ``BenchmarkPair``: HR cropped at bottom/right to a multiple of the scale, and LR (the source's, or
+made from that HR with the MATLAB bicubic ``imresize``); both HxWx3 uint8 RGB.
+
+``open_pairs`` reads:
+- a folder in the benchmark layout: ``HR/<name>.<ext>`` and, when present,
+  ``LR_bicubic/X{s}/<name>x{s}.<ext>``;
+- a folder that holds only images (walked recursively, sorted by path), e.g. BSDS200: HR only;
+- an archive of images (``.zip``/``.tar``/``.tar.gz``, local or URL), read by ``datasets``'
+  imagefolder builder: DIV2K's official zips (``div2k_urls``);
+- anything ``datasets.load_dataset`` loads (a hub id, a Parquet file or folder, an imagefolder
+  with metadata) with an ``hr`` image column (or ``image``) and an optional ``lr`` one.
+
+``lr_source`` names a second source of those kinds whose images are the LR ones (a DIV2K
+``..._LR_bicubic_X{s}.zip``); they are paired with HR by name: ``0001`` <-> ``0001x{s}`` (or ``0001``).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.errors import DatasetError, InvalidImageError
+from pipeline.imaging import decode_image, imresize
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
+FORMS_THAT_WORK = (
+    "a folder with HR/ (and optionally LR_bicubic/X{s}/), a folder of images, a Parquet file or folder, "
+    "an imagefolder, DIV2K's official zips (DIV2K_train_HR.zip, with LR from "
+    "DIV2K_train_LR_bicubic_X{s}.zip or made with bicubic), or a hub dataset stored as Parquet with an "
+    "'hr' image column (optional 'lr')"
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkPair:
+    """One image: HR cropped to a multiple of the scale, and its LR; both HxWx3 uint8."""
+
+    name: str
+    hr: np.ndarray
+    lr: np.ndarray
+
+
+def as_rgb8(pixels: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8: grayscale replicated, 16-bit rounded down to 8 bits."""
+    if pixels.dtype == np.uint16:
+        pixels = np.rint(pixels / 257.0).astype(np.uint8)
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
+def crop_to_multiple(image: np.ndarray, scale: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    return image[: h - h % scale, : w - w % scale]
+
+
+def make_pair(name: str, hr: np.ndarray, lr: np.ndarray | None, scale: int) -> BenchmarkPair:
+    """Crop HR, make LR with MATLAB bicubic when absent, and check the sizes agree."""
+    hr = crop_to_multiple(as_rgb8(hr), scale)
+    lr = imresize(hr, 1.0 / scale) if lr is None else as_rgb8(lr)
+    if (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape[:2]:
+        raise DatasetError(
+            f"{name}: LR is {lr.shape[1]}x{lr.shape[0]}, which is not HR "
+            f"{hr.shape[1]}x{hr.shape[0]} divided by {scale}"
+        )
+    return BenchmarkPair(name, hr, lr)
+
+
+def div2k_urls(split: Literal["train", "valid"], scale: int) -> tuple[str, str]:
+    """(HR zip URL, bicubic LR zip URL) of DIV2K's official archives: ``open_pairs(hr, s, lr_source=lr)``."""
+    if split not in ("train", "valid") or scale not in (2, 3, 4):
+        raise ValueError(f"DIV2K has splits train/valid and bicubic LR at x2/x3/x4, not {split!r} x{scale}")
+    return f"{DIV2K_URL}/DIV2K_{split}_HR.zip", f"{DIV2K_URL}/DIV2K_{split}_LR_bicubic_X{scale}.zip"
+
+
+# ---------------------------------------------------------------------------------------------
+# named lists of encoded images
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    try:
+        return decode_image(data, name=name).pixels
+    except InvalidImageError as exc:
+        raise DatasetError(str(exc)) from exc
+
+
+class _Images(ABC):
+    """A list of encoded images with names (path without suffix); ``read(i)`` decodes image i."""
+
+    names: list[str]
+
+    @abstractmethod
+    def read(self, index: int) -> np.ndarray: ...
+
+
+class _FileImages(_Images):
+    def __init__(self, files: list[Path], root: Path) -> None:
+        self.files = files
+        self.names = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+
+    def read(self, index: int) -> np.ndarray:
+        path = self.files[index]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"cannot read {path}: {exc}") from exc
+        return _decode(data, str(path))
+
+
+class _ColumnImages(_Images):
+    """One image column of a ``datasets.Dataset``, read a row at a time with our decoder."""
+
+    def __init__(self, ds: Any, column: str, source: str) -> None:
+        import datasets
+        import pyarrow.compute as pc
+
+        if not isinstance(ds.features[column], datasets.Image):
+            raise DatasetError(
+                f"column '{column}' of {source} holds {ds.features[column]}, not images (a Parquet export "
+                f"of a loading-script dataset keeps only file paths); use {FORMS_THAT_WORK}"
+            )
+        # decode=False: our decoder and mode rules, not Pillow's via datasets.
+        self.ds = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.column = column
+        # Only the path child is read: the table is memory-mapped, so embedded bytes are not loaded.
+        paths = pc.struct_field(self.ds.with_format("arrow")[:][column], "path").to_pylist()
+        self.names = [_path_stem(p) or f"{i:04d}" for i, p in enumerate(paths)]
+
+    def read(self, index: int) -> np.ndarray:
+        cell = self.ds[index][self.column]
+        data, path = cell.get("bytes"), cell.get("path")
+        if data is None and path:
+            data = _read_path(path)
+        return _decode(data or b"", self.names[index])
+
+
+def _path_stem(path: str | None) -> str:
+    # imagefolder on an archive gives fsspec chained URLs: "zip://DIV2K_train_HR/0001.png::/x/a.zip".
+    member = (path or "").split("::")[0].split("://")[-1]
+    return PurePosixPath(member).stem
+
+
+def _read_path(path: str) -> bytes:
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return f.read()
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
+
+
+def _match_by_name(hr_names: Sequence[str], lr: _Images, scale: int, where: object) -> list[int]:
+    """For each HR name, the index of its LR image: ``<name>x{s}`` or else ``<name>``."""
+    index = {name: i for i, name in enumerate(lr.names)}
+    rows = []
+    for name in hr_names:
+        row = index.get(f"{name}x{scale}", index.get(name))
+        if row is None:
+            raise DatasetError(f"{where} has no LR image for {name}")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# pair sources
+
+
+class PairSource(ABC):
+    """A sized, random-access list of ``BenchmarkPair``s at ``scale``; ``pair(i)`` decodes item i now."""
+
+    name: str
+    scale: int
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def pair(self, index: int) -> BenchmarkPair: ...
+
+    def __iter__(self) -> Iterator[BenchmarkPair]:
+        return (self.pair(i) for i in range(len(self)))
+
+
+class ImagePairs(PairSource):
+    """HR images and, optionally, LR images: HR ``i`` goes with LR ``lr_rows[i]`` (default ``i``)."""
+
+    def __init__(
+        self,
+        name: str,
+        scale: int,
+        hr: _Images,
+        lr: _Images | None = None,
+        lr_rows: Sequence[int] | None = None,
+    ) -> None:
+        self.name, self.scale, self.hr, self.lr = name, scale, hr, lr
+        self.lr_rows = lr_rows
+
+    def __len__(self) -> int:
+        return len(self.hr.names)
+
+    def pair(self, index: int) -> BenchmarkPair:
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} of {len(self)} in {self.name}")
+        hr, lr = self.hr.read(index), None
+        if self.lr is not None:
+            lr = self.lr.read(self.lr_rows[index] if self.lr_rows is not None else index)
+        return make_pair(self.hr.names[index], hr, lr, self.scale)
+
+
+def open_pairs(
+    source: str, scale: int, *, split: str | None = None, lr_source: str | None = None
+) -> PairSource:
+    """A lazy ``PairSource`` over ``source`` (see the module docstring for the forms it takes).
+
+    ``lr_source``: LR images from a second source (its ``hr``/``image`` images or files), paired by
+    name; it replaces any LR that ``source`` has. Without LR, LR is made with MATLAB bicubic.
+    """
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, not {scale}")
+    name, hr, lr, lr_rows = _open(source, scale, split)
+    if lr_source is not None:
+        lr = _open(lr_source, scale, split)[1]
+        lr_rows = _match_by_name(hr.names, lr, scale, lr_source)
+    if not hr.names:
+        raise DatasetError(f"{source} holds no images")
+    return ImagePairs(name, scale, hr, lr, lr_rows)
+
+
+def load_benchmark(source: str, scale: int, *, split: str | None = None) -> tuple[str, list[BenchmarkPair]]:
+    """(dataset name, every pair decoded) for the sources ``open_pairs`` reads."""
+    pairs = open_pairs(source, scale, split=split)
+    return pairs.name, list(pairs)
+
+
+def _open(
+    source: str, scale: int, split: str | None
+) -> tuple[str, _Images, _Images | None, list[int] | None]:
+    """(name, HR images, LR images or None, LR index of each HR image, or None for the same index)."""
+    path = Path(source)
+    if (path / "HR").is_dir():
+        return (path.name, *_benchmark_folder(path, scale))
+    if path.is_dir():
+        files = _only_images(path)
+        if files:
+            return path.name, _FileImages(files, path), None, None
+        if not any(path.iterdir()):
+            raise DatasetError(f"{source} is empty")
+    ds = _load_hf(source, split)
+    hr_col = next((c for c in ("hr", "image") if c in ds.column_names), None)
+    if hr_col is None:
+        raise DatasetError(f"{source} has no 'hr' column (columns: {ds.column_names}); use {FORMS_THAT_WORK}")
+    lr = _ColumnImages(ds, "lr", source) if "lr" in ds.column_names else None
+    return _source_name(source), _ColumnImages(ds, hr_col, source), lr, None
+
+
+def _benchmark_folder(root: Path, scale: int) -> tuple[_Images, _Images | None, list[int] | None]:
+    hr_files = sorted(p for p in (root / "HR").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not hr_files:
+        raise DatasetError(f"{root / 'HR'} holds no images")
+    hr = _FileImages(hr_files, root / "HR")
+    lr_dir = root / "LR_bicubic" / f"X{scale}"
+    if not lr_dir.is_dir():
+        return hr, None, None
+    lr = _FileImages(sorted(p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), lr_dir)
+    return hr, lr, _match_by_name(hr.names, lr, scale, lr_dir)
+
+
+def _only_images(root: Path) -> list[Path] | None:
+    """The folder's image files, sorted, when it holds nothing else (hidden files aside); else None.
+
+    Anything else (Parquet, a metadata file, a loading script) goes to ``datasets`` instead.
+    """
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    if not files or any(p.suffix.lower() not in IMAGE_SUFFIXES for p in files):
+        return None
+    return sorted(files)
+
+
+def _source_name(source: str) -> str:
+    path = Path(source)
+    if not (path.exists() or "://" in source):
+        return source  # a hub id
+    name = source.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (*ARCHIVE_SUFFIXES, ".parquet"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _data_file_builder(source: str) -> str | None:
+    """The ``datasets`` builder for a single data file or URL (Parquet, image archive), else None."""
+    if Path(source).is_dir():
+        return None
+    name = source.split("?")[0].lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "imagefolder" if name.endswith(ARCHIVE_SUFFIXES) else None
+
+
+def _load_hf(source: str, split: str | None) -> Any:
+    """A ``datasets.Dataset`` from a hub id, a Parquet file/folder, an image archive or an imagefolder."""
+    import datasets
+
+    builder = _data_file_builder(source)
+    try:
+        if builder:
+            loaded = datasets.load_dataset(builder, data_files=source, split=split)
+        else:
+            loaded = datasets.load_dataset(source, split=split)
+    except Exception as exc:
+        text = str(exc)
+        if "scripts are no longer supported" in text or re.search(r"\bfound \S+\.py\b", text):
+            raise DatasetError(
+                f"{source} is a loading-script dataset, which `datasets` 4 and later refuse to run; "
+                f"use {FORMS_THAT_WORK}"
+            ) from exc
+        raise DatasetError(
+            f"cannot load dataset {source}: {text.splitlines()[0] if text else exc!r}"
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        for preferred in ("test", "validation", "train"):
+            if preferred in loaded and (len(loaded) == 1 or preferred != "train"):
+                return loaded[preferred]
+        raise DatasetError(f"{source} has splits {sorted(loaded)}; choose one with --split")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# training patches
+
+
+class PatchDataset(Dataset):
+    """Random aligned training patches, for ``torch.utils.data.DataLoader`` and Ray Train.
+
+    ``dataset[i]`` -> ``(lr, hr)``: float32 tensors in [0, 1], RGB, channels first; ``lr`` is
+    3 x P x P and ``hr`` 3 x sP x sP, where the LR patch at ``(y, x)`` goes with the HR patch at
+    ``(s*y, s*x)``. Every call draws a new position and, with ``augment``, one of the 8 flips and
+    rotations (the same for LR and HR), from torch's RNG, so DataLoader and Ray Train seeding apply.
+
+    ``five_crop``: super-image's pre-augmentation, without files on disk: each image is 5 crops of half
+    its LR height and width (top-left, top-right, bottom-left, bottom-right, centre), HR cropped at
+    ``s`` times the LR box (super-image re-makes LR from the HR crop; we keep the source's LR). Item
+    ``i`` is crop ``i % 5`` of image ``i // 5``, the random patch is drawn inside that crop.
+
+    An image (or crop) smaller than the patch raises ``DatasetError`` naming it: padding would teach
+    the network borders that are not in the data.
+
+    ``cache_images``: up to N decoded pairs kept in a per-process LRU (a 2K DIV2K pair at x2 is about
+    10 MB); decoding a 2K PNG for each 64-pixel patch is wasteful. Pickling (to DataLoader or Ray
+    workers) drops the cache.
+    """
+
+    def __init__(
+        self,
+        pairs: PairSource,
+        scale: int,
+        patch_size: int = 64,
+        *,
+        five_crop: bool = False,
+        augment: bool = True,
+        cache_images: int = 0,
+    ) -> None:
+        if getattr(pairs, "scale", scale) != scale:
+            raise ValueError(f"{pairs.name} holds x{pairs.scale} pairs, not x{scale}")
+        if patch_size < 1 or cache_images < 0:
+            raise ValueError(
+                f"patch_size must be >= 1 and cache_images >= 0, not {patch_size}, {cache_images}"
+            )
+        self.pairs, self.scale, self.patch_size = pairs, scale, patch_size
+        self.five_crop, self.augment, self.cache_images = five_crop, augment, cache_images
+        self._cache: OrderedDict[int, BenchmarkPair] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.pairs) * (5 if self.five_crop else 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        image, crop = divmod(index, 5) if self.five_crop else (index, None)
+        pair = self._pair(image)
+        top, left, height, width = self._region(pair, crop)
+        p, s = self.patch_size, self.scale
+        y, x = top + _randint(height - p + 1), left + _randint(width - p + 1)
+        lr, hr = pair.lr[y : y + p, x : x + p], pair.hr[s * y : s * (y + p), s * x : s * (x + p)]
+        if self.augment:
+            k = _randint(8)
+            lr, hr = _dihedral(lr, k), _dihedral(hr, k)
+        return _to_tensor(lr), _to_tensor(hr)
+
+    def _region(self, pair: BenchmarkPair, crop: int | None) -> tuple[int, int, int, int]:
+        """(top, left, height, width) in LR pixels of the whole image or of five-crop ``crop``."""
+        h, w = pair.lr.shape[:2]
+        if crop is None:
+            top, left, height, width, what = 0, 0, h, w, "LR image"
+        else:
+            height, width = h // 2, w // 2
+            tops = (0, 0, h - height, h - height, (h - height) // 2)
+            lefts = (0, w - width, 0, w - width, (w - width) // 2)
+            top, left, what = tops[crop], lefts[crop], f"five-crop {crop} of its LR image"
+        if height < self.patch_size or width < self.patch_size:
+            raise DatasetError(
+                f"{self.pairs.name}/{pair.name}: {what} is {width}x{height}, smaller than the "
+                f"{self.patch_size}-pixel LR patch; use a smaller patch_size"
+                + (" or no five_crop" if crop is not None else "")
+            )
+        return top, left, height, width
+
+    def _pair(self, index: int) -> BenchmarkPair:
+        if not self.cache_images:
+            return self.pairs.pair(index)
+        pair = self._cache.pop(index, None)  # popped and re-inserted: now the most recent
+        if pair is None:
+            pair = self.pairs.pair(index)
+            while len(self._cache) >= self.cache_images:
+                self._cache.popitem(last=False)
+        self._cache[index] = pair
+        return pair
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+def _randint(n: int) -> int:
+    return int(torch.randint(n, ()).item())
+
+
+def _dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    """Element ``k`` (0..7) of the dihedral group on an HxWxC array: rotate k%4 quarter turns, then
+    mirror left-right when k >= 4."""
+    image = np.rot90(image, k % 4)
+    return image[:, ::-1] if k >= 4 else image
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1], contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)

@@ -1,0 +1,325 @@
+"""Training PAN on Ray Train: DDP over workers, checkpoints, resume, fault tolerance, export.
+
+The recipe is the PAN paper's: L1 loss, Adam(0.9, 0.99), lr 7e-4 with cosine annealing and warm
+restarts, batches of 64-px LR patches with the 8 flips/rotations, counted in iterations. AMP on GPU,
+optional EMA of the weights. Validation every ``val_every`` steps on a benchmark set with the core
+metrics; the best weights are tracked.
+
+Layout under ``STORAGE/NAME`` (local or ``s3://``):
+``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, step, EMA, RNG, best score),
+``metrics.jsonl`` (one object per step: step, loss, lr, and val_psnr_y/val_ssim_y on validation
+steps), ``learning_curve.png``, ``export/`` (final weights) and ``export-best/`` (best validation),
+both in the ``save_pretrained`` layout that ``pan upscale --weights`` takes.
+
+Running again with the same storage and name resumes from the latest checkpoint: steps are never
+done twice, and ``max_steps`` may be raised to train further.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import PipelineError
+from pipeline.model import PAN
+from pipeline.storage import join, read_bytes, upload_dir, write_bytes
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "learning_curve.png"
+
+
+class TrainJob(BaseModel):
+    """Every setting of a training run; the one place their defaults live."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str  # a folder, DIV2K zip, Parquet, imagefolder or hub id (see pipeline.datasets)
+    lr_data: str | None = None  # the matching LR archive/folder (e.g. DIV2K_train_LR_bicubic_X2.zip)
+    scale: Literal[2, 3, 4]
+    name: str = Field(min_length=1)
+    storage: str = "runs"
+    workers: int = Field(default=1, ge=1)
+    gpu: bool = False
+    max_steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=32, ge=1)  # LR patches per step, over all workers
+    patch_size: int = Field(default=64, ge=8)
+    lr: float = Field(default=7e-4, gt=0)
+    min_lr: float = Field(default=1e-7, ge=0)
+    restart_every: int = Field(default=250_000, ge=1)  # cosine period in steps (PAN: 4 x 250k)
+    init_weights: str | None = None  # fine-tune from anything from_pretrained loads
+    val_data: str | None = None  # a benchmark set; Set5 is the usual choice
+    val_every: int = Field(default=500, ge=1)  # also the checkpoint period
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    five_crop: bool = False
+    loader_workers: int = Field(default=0, ge=0)
+    cache_images: int = Field(default=64, ge=0)
+    max_failures: int = Field(default=2, ge=0)
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    address: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainJob:
+        """Settings from a YAML spec (e.g. ``jobs/retrain-x2.yaml``), overridden by non-None kwargs."""
+        try:
+            spec = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise PipelineError(f"cannot read job spec {path}: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise PipelineError(f"job spec {path} is not a mapping of settings")
+        return cls(**{**spec, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.storage, self.name)
+
+
+# -- inside each worker ---------------------------------------------------------------------------
+
+
+class _RunFiles:
+    """metrics.jsonl and the learning curve, kept by rank 0 and rewritten at each checkpoint.
+
+    Rewriting whole files (not appending) works on object stores too; on resume the records after
+    the checkpoint's step are dropped, so no step appears twice.
+    """
+
+    def __init__(self, job: TrainJob, resumed_step: int) -> None:
+        self.job = job
+        self.records: list[dict[str, Any]] = []
+        if resumed_step:
+            try:
+                text = read_bytes(join(job.run_dir, METRICS_FILE), job.storage_options).decode()
+            except FileNotFoundError:
+                text = ""
+            rows = (json.loads(line) for line in text.splitlines() if line.strip())
+            self.records = [r for r in rows if r["step"] <= resumed_step]
+
+    def flush(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        write_bytes(join(self.job.run_dir, METRICS_FILE), text.encode(), self.job.storage_options)
+        write_bytes(
+            join(self.job.run_dir, CURVE_FILE), learning_curve_png(self.records), self.job.storage_options
+        )
+
+
+def learning_curve_png(records: list[dict[str, Any]]) -> bytes:
+    """Training loss and validation PSNR_Y against step, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, loss_ax = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="L1 loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training L1 loss")
+    loss_ax.set_yscale("log")
+    val = [r for r in records if "val_psnr_y" in r]
+    if val:
+        psnr_ax = loss_ax.twinx()
+        psnr_ax.plot([r["step"] for r in val], [r["val_psnr_y"] for r in val], "o-", color="tab:red")
+        psnr_ax.set_ylabel("validation PSNR_Y (dB)", color="tab:red")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _export(model: PAN, location: str, storage_options: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        upload_dir(tmp, location, storage_options)
+
+
+def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, float]:
+    from pipeline.engine import Upscaler
+    from pipeline.evaluate import evaluate
+
+    report = evaluate(Upscaler(model, device=str(device)), "val", pairs)
+    return report.psnr_y, report.ssim_y
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker loop (also runs in-process with ScalingConfig(num_workers=0))."""
+    import ray.train
+    import ray.train.torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pipeline.datasets import PatchDataset, open_pairs
+    from pipeline.evaluate import load_benchmark
+    from pipeline.weights import load_pretrained
+
+    job = TrainJob(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(job.seed + rank)
+
+    model = load_pretrained(job.init_weights, scale=job.scale) if job.init_weights else PAN(scale=job.scale)
+    model.train()
+    ema = None
+    if job.ema_decay:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema_decay), use_buffers=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=job.restart_every, eta_min=job.min_lr
+    )
+    step, best = 0, float("-inf")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        step, best = state["step"], state["best"]
+        # rank 0 continues its saved random stream; the others get fresh streams tied to the step
+        if rank == 0:
+            torch.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(job.seed + rank + 7919 * step)
+    files = _RunFiles(job, step) if rank == 0 else None
+    model = ray.train.torch.prepare_model(model)
+    if ema is not None:
+        ema.to(device)
+
+    pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data)
+    dataset = PatchDataset(
+        pairs, job.scale, job.patch_size, five_crop=job.five_crop, cache_images=job.cache_images
+    )
+    per_worker = max(1, job.batch_size // world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_worker, shuffle=True, drop_last=True, num_workers=job.loader_workers
+    )
+    loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler: each worker its shard
+    if len(loader) == 0:
+        raise PipelineError(f"{job.data} has too few images for a batch of {per_worker} per worker")
+    val_pairs = load_benchmark(job.val_data, job.scale)[1] if job.val_data and rank == 0 else []
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+
+    started, done_since_log = time.perf_counter(), 0
+    epoch = step // len(loader)
+    while step < job.max_steps:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for lr_batch, hr_batch in loader:
+            step += 1
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                loss = torch.nn.functional.l1_loss(model(lr_batch), hr_batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(_unwrap(model))
+            done_since_log += 1
+            record = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
+            if rank == 0 and step % job.log_every == 0:
+                rate = done_since_log * per_worker * world / (time.perf_counter() - started)
+                loss_text = f"loss {record['loss']:.5f} lr {record['lr']:.2e}"
+                print(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s", flush=True)
+                started, done_since_log = time.perf_counter(), 0
+            if step % job.val_every == 0 or step == job.max_steps:
+                best = _checkpoint(
+                    job, rank, step, best, model, ema, optimizer, scheduler, record, val_pairs, files
+                )
+            elif files is not None:
+                files.records.append(record)
+            if step >= job.max_steps:
+                break
+        epoch += 1
+    if rank == 0:
+        _export(
+            _unwrap(ema) if ema is not None else _unwrap(model),
+            join(job.run_dir, "export"),
+            job.storage_options,
+        )
+
+
+def _unwrap(model: torch.nn.Module) -> PAN:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _checkpoint(job, rank, step, best, model, ema, optimizer, scheduler, record, val_pairs, files) -> float:
+    """Validate (rank 0), write metrics and a checkpoint; every rank reports. Returns the best score."""
+    import ray.train
+
+    metrics = dict(record)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            scored = _unwrap(ema) if ema is not None else _unwrap(model)
+            if val_pairs:
+                scored.eval()
+                metrics["val_psnr_y"], metrics["val_ssim_y"] = _validate(
+                    scored, val_pairs, next(scored.parameters()).device
+                )
+                scored.train()
+                if metrics["val_psnr_y"] > best:
+                    best = metrics["val_psnr_y"]
+                    _export(scored, join(job.run_dir, "export-best"), job.storage_options)
+            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "best": best,
+                     "rng": torch.get_rng_state()}  # fmt: skip
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            torch.save(state, Path(tmp) / STATE_FILE)
+            files.records.append(metrics)
+            files.flush()
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "best_val_psnr_y": best}, checkpoint=ckpt)
+    return best
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def run_training(job: TrainJob):
+    """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.storage import pyarrow_filesystem
+    from pipeline.upscale import connect_ray
+
+    if job.init_weights:  # fail fast, before any worker starts
+        from pipeline.weights import load_pretrained
+
+        load_pretrained(job.init_weights, scale=job.scale)
+    connect_ray(job.address)
+    if job.gpu and not ray.cluster_resources().get("GPU"):
+        raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
+    filesystem, storage_path = pyarrow_filesystem(job.storage, job.storage_options)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=job.model_dump(),
+        torch_config=TorchConfig(backend="nccl" if job.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
