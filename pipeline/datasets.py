@@ -33,9 +33,8 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.errors import DatasetError, InvalidImageError
-from pipeline.imaging import decode_image, imresize
+from pipeline.imaging import IMAGE_SUFFIXES, decode_image, imresize
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
 FORMS_THAT_WORK = (

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
 from pipeline.model import SCALES
+from pipeline.raycluster import actor_device, actor_pool, connect, user_error
 
 SCALE_PLACEHOLDER = "{scale}"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -99,14 +100,10 @@ class EvalActor:
 
     def _upscaler(self, scale: int):
         if scale not in self.upscalers:
-            import ray
-
             from pipeline.engine import AUTO, Upscaler
             from pipeline.weights import load_pretrained
 
-            device = self.job.device
-            if device == AUTO:  # an actor given a GPU must use it (as in the upscale job)
-                device = "cuda" if ray.get_gpu_ids() else "cpu"
+            device = actor_device(self.job.device)
             model = load_pretrained(self.job.weights_for(scale), scale=scale)
             tile = AUTO if self.job.tile is None else self.job.tile
             self.upscalers[scale] = Upscaler(model, device=device, precision=self.job.precision, tile=tile)
@@ -183,15 +180,9 @@ def _put_benchmarks(job: EvalJob) -> tuple[list[_Task], Any]:
 
 
 def _pool(job: EvalJob, images: int) -> dict[str, Any]:
-    import ray
-
-    from pipeline.upscale import _actor_pool
-
-    pool = _actor_pool(job)  # one GPU per actor where the cluster has GPUs, else fractional CPUs
-    if job.actors is None and not pool["num_gpus"]:
-        # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per
-        # CPU, each running one torch thread (Ray sets OMP_NUM_THREADS=1 for fractional actors).
-        pool["size"] = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per
+    # CPU, each running one torch thread (Ray sets OMP_NUM_THREADS=1 for fractional actors).
+    pool = actor_pool(job.actors, job.actor_cpus, cpus_per_actor=1)
     pool["size"] = max(1, min(pool["size"], images))
     return pool
 
@@ -205,10 +196,8 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     import ray
     import ray.data
 
-    from pipeline.upscale import _user_error, connect_ray
-
     weights_ids = _weights_ids(job)
-    connect_ray(job.address)
+    connect(job.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks, ds = _put_benchmarks(job)
     total = sum(len(t.names) for t in tasks)
@@ -230,7 +219,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
             if on_progress:
                 on_progress(len(scores), total)
     except Exception as exc:  # a task or actor failed: surface the user's error, if it is one
-        raise (_user_error(exc) or exc) from None
+        raise (user_error(exc) or exc) from None
     if len(scores) != total:  # a bug, not a user error: never hand back a silently short report
         raise RuntimeError(f"{total} images went in but {len(scores)} scores came back")
     return [

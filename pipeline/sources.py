@@ -20,11 +20,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.imaging import IMAGE_SUFFIXES
 from pipeline.storage import filesystem, join
 
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm", ".tga"}
-)
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
 
 

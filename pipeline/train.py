@@ -298,14 +298,14 @@ def run_training(job: TrainJob):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.raycluster import connect
     from pipeline.storage import pyarrow_filesystem
-    from pipeline.upscale import connect_ray
 
     if job.init_weights:  # fail fast, before any worker starts
         from pipeline.weights import load_pretrained
 
         load_pretrained(job.init_weights, scale=job.scale)
-    connect_ray(job.address)
+    connect(job.address)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
     filesystem, storage_path = pyarrow_filesystem(job.storage, job.storage_options)

@@ -8,8 +8,6 @@ as exactly one of succeeded, failed (a row in ``DEST/_errors``) or skipped.
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import sinks
 from pipeline.errors import InvalidImageError, PipelineError
 from pipeline.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image
+from pipeline.raycluster import actor_device, actor_pool, connect, user_error
 from pipeline.sources import InputUnit, list_inputs, read_unit
 
 
@@ -115,16 +114,10 @@ class UpscaleActor:
     """Holds one PAN (loaded once) on its device and upscales decoded images."""
 
     def __init__(self, job: UpscaleJob) -> None:
-        import ray
-
         from pipeline.engine import AUTO, Upscaler
         from pipeline.weights import load_pretrained
 
-        device = job.device
-        if device == AUTO:
-            # An actor that was given a GPU must use it: a GPU that CUDA cannot see is an error
-            # (resolve_device says so), never a silent fall-back to the CPU.
-            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        device = actor_device(job.device)
         model = load_pretrained(job.weights, scale=job.scale, storage_options=job.storage_options)
         tile = AUTO if job.tile is None else job.tile
         self.upscaler = Upscaler(model, device=device, precision=job.precision, tile=tile)
@@ -188,28 +181,6 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray; no-op if connected."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Workers of an embedded Ray inherit this process's environment (AWS_* included).
-    ray.init(address=address, include_dashboard=False if not address else None)
-
-
-def _actor_pool(job: UpscaleJob) -> dict[str, Any]:
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return {"size": job.actors or gpus, "num_gpus": 1, "num_cpus": 1}
-    cpus = resources.get("CPU", 1)
-    return {"size": job.actors or max(1, int(cpus // 4)), "num_gpus": 0, "num_cpus": job.actor_cpus}
-
-
 def _weights_identity(job: UpscaleJob) -> tuple[str, str]:
     """Load the weights once on the driver: fails fast on bad weights and names them for the sink."""
     from pipeline.weights import load_pretrained
@@ -248,7 +219,7 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
     import ray.data
 
     items = [{"url": u.url, "rel": u.rel, "kind": u.kind, "done": sorted(u.done)} for u in todo]
-    pool = _actor_pool(job)
+    pool = actor_pool(job.actors, job.actor_cpus, cpus_per_actor=4)
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"image_column": job.image_column, "storage_options": job.storage_options}
     write_args = {"job": job, "weights_id": weights_id, "weights_sha256": weights_sha256}
@@ -283,7 +254,7 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
     counts = Counter(skipped=skipped, failed=len(collisions))
     pixels = Counter()
     if todo:
-        connect_ray(job.address)
+        connect(job.address)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(job, todo, weights_id, weights_sha256)
         try:
@@ -295,7 +266,7 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
                 if on_progress:
                     on_progress(counts)
         except Exception as exc:  # a task or actor failed: surface the user's error, if it is one
-            raise (_user_error(exc) or exc) from None
+            raise (user_error(exc) or exc) from None
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["succeeded"] + counts["failed"] + counts["skipped"],
@@ -309,26 +280,6 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
     }
     sinks.write_summary(job.dest, summary, job.storage_options)
     return summary
-
-
-def _user_error(exc: BaseException) -> PipelineError | None:
-    """The PipelineError (bad weights, unusable device...) that made a Ray task or actor fail.
-
-    Ray passes some failures (an actor's constructor) only as text, so the text is read too.
-    """
-    from pipeline import errors
-
-    chain, seen = exc, set()
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        if isinstance(chain, PipelineError):
-            return chain
-        chain = chain.__cause__ or chain.__context__
-    match = re.search(r"pipeline\.errors\.(\w+): (.+)", str(exc))
-    error_class = getattr(errors, match.group(1), None) if match else None
-    if isinstance(error_class, type) and issubclass(error_class, PipelineError):
-        return error_class(match.group(2).strip())
-    return None
 
 
 def check_error_fraction(job: UpscaleJob, summary: dict[str, Any]) -> None:

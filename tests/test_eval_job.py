@@ -126,7 +126,7 @@ def test_bad_weights_fail_before_any_ray_work(weights_dir, benchmarks_dir, monke
     def no_ray(address):
         raise AssertionError("Ray was reached")
 
-    monkeypatch.setattr("pipeline.upscale.connect_ray", no_ray)
+    monkeypatch.setattr("pipeline.eval_job.connect", no_ray)
     sources = [str(benchmarks_dir / "Set5")]
     with pytest.raises(WeightsError, match=r"holds x2 weights .*put \{scale\} in the weights path"):
         evaluate_many(sources, [2, 3], str(weights_dir / "PANx2_DF2K.pth"))

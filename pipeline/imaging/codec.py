@@ -62,6 +62,10 @@ from pipeline.errors import (
 )
 
 DEFAULT_MAX_PIXELS: int = 40_000_000
+# File extensions taken as images when walking folders (decode_image itself goes by content).
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
+)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
