@@ -193,8 +193,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import TrainJob, run_training
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
-    if args.gpu:
-        overrides["gpu"] = True
+    for flag in ("gpu", "five_crop"):  # store_true flags: only a given one overrides the spec
+        if getattr(args, flag):
+            overrides[flag] = True
     job = _job_settings(TrainJob, args.config, overrides)
     result = run_training(job)
     if result.error:
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="benchmark set for validation, e.g. Set5")
     p.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default: 500)")
     p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--five-crop", action="store_true", help="the model card's five-crop pre-augmentation")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, AMP")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_train)

@@ -18,7 +18,7 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers of an embedded Ray inherit this process's environment (AWS_* included).
-    ray.init(address=address, include_dashboard=False if not address else None)
+    ray.init(address=address)
 
 
 def actor_pool(actors: int | None, actor_cpus: float, *, cpus_per_actor: float) -> dict[str, Any]:

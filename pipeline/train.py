@@ -7,9 +7,10 @@ metrics; the best weights are tracked.
 
 Layout under ``STORAGE/NAME`` (local or ``s3://``):
 ``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, step, EMA, RNG, best score),
-``metrics.jsonl`` (one object per step: step, loss, lr, and val_psnr_y/val_ssim_y on validation
-steps), ``learning_curve.png``, ``export/`` (final weights) and ``export-best/`` (best validation),
-both in the ``save_pretrained`` layout that ``pan upscale --weights`` takes.
+``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
+and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``, ``export/`` (final weights)
+and ``export-best/`` (best validation), both in the ``save_pretrained`` layout that
+``pan upscale --weights`` takes.
 
 Running again with the same storage and name resumes from the latest checkpoint: steps are never
 done twice, and ``max_steps`` may be raised to train further.
@@ -212,7 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
     val_pairs = load_benchmark(job.val_data, job.scale)[1] if job.val_data and rank == 0 else []
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
-    started, done_since_log = time.perf_counter(), 0
+    loop_start = started = time.perf_counter()
+    done_since_log = 0
     epoch = step // len(loader)
     while step < job.max_steps:
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
@@ -229,7 +231,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if ema is not None:
                 ema.update_parameters(_unwrap(model))
             done_since_log += 1
-            record = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
+            record = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                      "seconds": time.perf_counter() - loop_start}  # fmt: skip
             if rank == 0 and step % job.log_every == 0:
                 rate = done_since_log * per_worker * world / (time.perf_counter() - started)
                 loss_text = f"loss {record['loss']:.5f} lr {record['lr']:.2e}"
@@ -298,13 +301,18 @@ def run_training(job: TrainJob):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.raycluster import connect
+    from pipeline.datasets import open_pairs
+    from pipeline.raycluster import connect, user_error
     from pipeline.storage import pyarrow_filesystem
 
-    if job.init_weights:  # fail fast, before any worker starts
+    # Fail fast on the driver, before any worker starts: sources are opened lazily (names only).
+    if job.init_weights:
         from pipeline.weights import load_pretrained
 
         load_pretrained(job.init_weights, scale=job.scale)
+    open_pairs(job.data, job.scale, lr_source=job.lr_data)
+    if job.val_data:
+        open_pairs(job.val_data, job.scale)
     connect(job.address)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
@@ -322,4 +330,7 @@ def run_training(job: TrainJob):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as exc:  # a worker failed for good: surface the user's error, if it is one
+        raise (user_error(exc) or exc) from None
