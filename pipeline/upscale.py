@@ -113,11 +113,17 @@ def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
 class UpscaleActor:
     """Holds one PAN (loaded once) on its device and upscales decoded images."""
 
-    def __init__(self, job: UpscaleJob) -> None:
+    def __init__(self, job: UpscaleJob, threads: int) -> None:
+        import torch
+
         from pipeline.engine import AUTO, Upscaler
         from pipeline.weights import load_pretrained
 
         device = actor_device(job.device)
+        if device == "cpu":
+            # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model
+            # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
+            torch.set_num_threads(threads)
         model = load_pretrained(job.weights, scale=job.scale, storage_options=job.storage_options)
         tile = AUTO if job.tile is None else job.tile
         self.upscaler = Upscaler(model, device=device, precision=job.precision, tile=tile)
@@ -130,7 +136,7 @@ class UpscaleActor:
             start = time.perf_counter()
             try:
                 row["image"] = self.upscaler.upscale_image(row["image"])
-            except (ValueError, TypeError) as exc:  # an image the engine cannot take
+            except (ValueError, TypeError, RuntimeError) as exc:  # e.g. an image too big for memory
                 _fail(row, exc)
                 continue
             row["seconds"] += time.perf_counter() - start
@@ -214,6 +220,12 @@ def plan(job: UpscaleJob) -> tuple[list[InputUnit], list[tuple[str, str]], int]:
     return todo, collisions, skipped
 
 
+def _threads_per_actor(pool: dict[str, Any]) -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // pool["size"]))
+
+
 def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weights_sha256: str):
     """The lazy Ray Dataset: read -> decode -> PAN actors -> encode -> write, one status row per input."""
     import ray.data
@@ -229,7 +241,7 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
         .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
         .map_batches(
             UpscaleActor,
-            fn_constructor_kwargs={"job": job},
+            fn_constructor_kwargs={"job": job, "threads": _threads_per_actor(pool)},
             compute=ray.data.ActorPoolStrategy(size=pool["size"]),
             num_gpus=pool["num_gpus"],
             num_cpus=pool["num_cpus"],
