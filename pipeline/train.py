@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipeline.errors import PipelineError
+from pipeline.jobspec import JobSpec
 from pipeline.model import PAN
 from pipeline.storage import join, read_bytes, upload_dir, write_bytes
 
@@ -37,10 +37,8 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 
 
-class TrainJob(BaseModel):
+class TrainJob(JobSpec):
     """Every setting of a training run; the one place their defaults live."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str  # a folder, DIV2K zip, Parquet, imagefolder or hub id (see pipeline.datasets)
     lr_data: str | None = None  # the matching LR archive/folder (e.g. DIV2K_train_LR_bicubic_X2.zip)
@@ -67,17 +65,6 @@ class TrainJob(BaseModel):
     log_every: int = Field(default=10, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     address: str | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainJob:
-        """Settings from a YAML spec (e.g. ``jobs/retrain-x2.yaml``), overridden by non-None kwargs."""
-        try:
-            spec = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise PipelineError(f"cannot read job spec {path}: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise PipelineError(f"job spec {path} is not a mapping of settings")
-        return cls(**{**spec, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def run_dir(self) -> str:

@@ -11,24 +11,21 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipeline import sinks
 from pipeline.errors import InvalidImageError, PipelineError
 from pipeline.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image
+from pipeline.jobspec import JobSpec
 from pipeline.raycluster import actor_device, actor_pool, connect, user_error
 from pipeline.sources import InputUnit, list_inputs, read_unit
 
 
-class UpscaleJob(BaseModel):
+class UpscaleJob(JobSpec):
     """Every setting of an upscaling run; the one place their defaults live."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str
     dest: str
@@ -48,17 +45,6 @@ class UpscaleJob(BaseModel):
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     png_compress_level: int = Field(default=6, ge=0, le=9)
     address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> UpscaleJob:
-        """Settings from a YAML spec (e.g. ``jobs/nightly-upscale.yaml``), overridden by non-None kwargs."""
-        try:
-            spec = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise PipelineError(f"cannot read job spec {path}: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise PipelineError(f"job spec {path} is not a mapping of settings")
-        return cls(**{**spec, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 # -- stages (each runs in Ray tasks/actors on batches: dict of column -> numpy array) ---------------
