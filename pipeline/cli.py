@@ -305,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where actors compute: auto (default), cpu, cuda")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--tile", type=int, metavar="PX", help="input tile size; 0 = whole image")
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else by CPUs)")
-    p.add_argument("--png-compress-level", type=int, choices=range(10), metavar="0-9")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else one per CPU)")
+    p.add_argument(
+        "--png-compress-level",
+        type=int,
+        choices=range(10),
+        metavar="0-9",
+        help="zlib level of the PNGs (default: 1, fastest; 6-9: files about 12%% smaller, 4.5-20x the CPU)",
+    )
     p.add_argument("--max-pixels", type=int, help="refuse larger inputs (default: 40,000,000)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_upscale)

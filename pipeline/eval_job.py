@@ -197,7 +197,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     import ray.data
 
     weights_ids = _weights_ids(job)
-    connect(job.address)
+    connect(job.address, dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks, ds = _put_benchmarks(job)
     total = sum(len(t.names) for t in tasks)

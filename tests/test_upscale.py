@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.imaging import decode_image
 from pipeline.storage import list_files
-from pipeline.upscale import UpscaleJob, run_upscale
+from pipeline.upscale import UpscaleJob, model_pool, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BAD = {"empty.png", "notes.jpg", "sub/truncated.png"}
@@ -160,3 +160,11 @@ def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weigh
         )
         assert row["weights_id"] == "PANx2_DF2K" and len(row["weights_sha256"]) == 64 and row["scale"] == 2
     assert run_upscale(job)["skipped"] == 5  # shard members are resumed too
+
+
+def test_cpu_cluster_gets_one_single_threaded_model_actor_per_cpu(local_ray):
+    job = UpscaleJob(source="in", dest="out", scale=2)
+    assert model_pool(job, 100) == {"size": 2, "num_gpus": 0, "num_cpus": 0.5, "threads": 1}
+    # fewer actors than CPUs (asked for, or one input): each computes on its share of the cores
+    assert model_pool(job, 1) == {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 2}
+    assert model_pool(job.model_copy(update={"actors": 1}), 100)["threads"] == 2

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import DeviceError
-from pipeline.raycluster import actor_pool
 from pipeline.storage import list_files
-from pipeline.upscale import UpscaleJob, run_upscale
+from pipeline.upscale import UpscaleJob, model_pool, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PAN_BIN = str(Path(sys.executable).with_name("pan"))
@@ -110,8 +109,7 @@ def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weig
         src = benchmarks_dir / "Set5/LR_bicubic/X4"
         weights = str(weights_dir / "PANx4_DF2K.pth")
         job = UpscaleJob(source=str(src), dest=str(tmp_path / "cpu"), scale=4, weights=weights, device="cpu")
-        pool = actor_pool(job.actors, job.actor_cpus, cpus_per_actor=4)
-        assert pool == {"size": 1, "num_gpus": 1, "num_cpus": 1}
+        assert model_pool(job, 5) == {"size": 1, "num_gpus": 1, "num_cpus": 1, "threads": 2}
         assert run_upscale(job)["succeeded"] == 5
         # the same actor on device "auto" must use its GPU, which CUDA cannot see here
         auto = UpscaleJob(source=str(src), dest=str(tmp_path / "auto"), scale=4, weights=weights)

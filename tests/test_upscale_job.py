@@ -4,7 +4,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.upscale import UpscaleJob, plan
+from pipeline.sources import InputUnit
+from pipeline.upscale import UpscaleJob, plan, read_blocks
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -56,3 +57,12 @@ def test_missing_source_is_a_clear_error(tmp_path, capsys):
         == 2
     )
     assert "pan: error: source not found" in capsys.readouterr().err
+
+
+def test_read_blocks_batch_images_but_feed_every_actor():
+    images = [InputUnit(f"/in/{i}.png", f"{i}.png", "image") for i in range(100)]
+    assert read_blocks(images, actors=2) == 7  # 16 images per read task
+    assert read_blocks(images[:5], actors=2) == 4  # two per actor
+    assert read_blocks(images[:1], actors=8) == 1
+    shards = [InputUnit(f"/in/{i}.tar", f"{i}.tar", "tar") for i in range(5)]
+    assert read_blocks([*shards, *images[:20]], actors=2) == 25  # a shard holds many images
