@@ -182,7 +182,7 @@ def _put_benchmarks(job: EvalJob) -> tuple[list[_Task], Any]:
 def _pool(job: EvalJob, images: int) -> dict[str, Any]:
     # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per
     # CPU, each running one torch thread (Ray sets OMP_NUM_THREADS=1 for fractional actors).
-    pool = actor_pool(job.actors, job.actor_cpus, cpus_per_actor=1)
+    pool = actor_pool(job.actors, job.actor_cpus)
     pool["size"] = max(1, min(pool["size"], images))
     return pool
 

@@ -26,18 +26,17 @@ def connect(address: str | None, *, dashboard: bool = True) -> None:
     ray.init(address=address, **({} if address or dashboard else {"include_dashboard": False}))
 
 
-def actor_pool(actors: int | None, actor_cpus: float, *, cpus_per_actor: float) -> dict[str, Any]:
+def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
     """Map-batches actor settings: one GPU per actor where the cluster has GPUs, else CPU actors
     reserving ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one
-    per ``cpus_per_actor`` CPUs unless ``actors`` says how many."""
+    per CPU unless ``actors`` says how many."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
         return {"size": actors or gpus, "num_gpus": 1, "num_cpus": 1}
-    default = max(1, int(resources.get("CPU", 1) // cpus_per_actor))
-    return {"size": actors or default, "num_gpus": 0, "num_cpus": actor_cpus}
+    return {"size": actors or max(1, int(resources.get("CPU", 1))), "num_gpus": 0, "num_cpus": actor_cpus}
 
 
 def actor_device(requested: str) -> str:

@@ -218,7 +218,7 @@ def model_pool(job: UpscaleJob, units: int) -> dict[str, Any]:
     """
     import ray
 
-    pool = actor_pool(job.actors, job.actor_cpus, cpus_per_actor=1)
+    pool = actor_pool(job.actors, job.actor_cpus)
     pool["size"] = max(1, min(pool["size"], units))
     pool["threads"] = max(1, int(ray.cluster_resources().get("CPU", 1) // pool["size"]))
     return pool
