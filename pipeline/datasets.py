@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.errors import DatasetError, InvalidImageError
+from pipeline.hub import is_repo_id, offline_mode, unreachable_reason
 from pipeline.imaging import IMAGE_SUFFIXES, decode_image, imresize
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -260,6 +261,15 @@ def _open(
             return path.name, _FileImages(files, path), None, None
         if not any(path.iterdir()):
             raise DatasetError(f"{source} is empty")
+    elif "://" not in source and not path.exists():
+        if not is_repo_id(source):
+            raise DatasetError(f"{source}: no such file or folder")
+        reason = unreachable_reason()
+        if reason and not offline_mode():  # offline mode: `datasets` reads its cache, at once
+            raise DatasetError(
+                f"{source}: no such file or folder, and the Hugging Face hub cannot be asked for it as a "
+                f"dataset id: {reason} (with HF_HUB_OFFLINE=1 a cached copy is used)"
+            )
     ds = _load_hf(source, split)
     hr_col = next((c for c in ("hr", "image") if c in ds.column_names), None)
     if hr_col is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -26,12 +26,11 @@ import torch
 from pipeline.errors import DeviceError
 from pipeline.imaging import DecodedImage, imresize
 from pipeline.model import PAN
+from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO = "auto"
-DEFAULT_CONTEXT = 24  # input pixels read around each tile: beyond ~20, tiled == whole within 1 level
-BLEND = 8  # input pixels over which neighbouring tiles cross-fade
 MAX_BATCH = 16
 
 
@@ -76,53 +75,6 @@ def default_memory_budget(device: torch.device) -> int:
     return 1 << 30
 
 
-@dataclass(frozen=True)
-class Window:
-    """One tile along one axis: the input it reads and the core of the output it owns."""
-
-    start: int  # first input pixel read (the window is ``TilePlan.length`` long)
-    core_start: int
-    core_end: int
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Equal-length windows along one axis; cores tile the axis, seams are cross-faded."""
-
-    windows: tuple[Window, ...]
-    length: int
-    size: int
-    blend: int  # input pixels over which two neighbouring cores cross-fade
-
-
-def plan_axis(size: int, tile: int, context: int) -> TilePlan:
-    """Cores of ``tile`` pixels, each read with ``context`` pixels around it (fewer at edges).
-
-    Every window has the same length, ``tile + 2*context`` (so tiles batch): windows near an edge
-    are shifted inwards and read more on the other side instead.
-    """
-    length = tile + 2 * context
-    if length >= size:
-        return TilePlan((Window(0, 0, size),), size, size, 0)
-    windows = tuple(
-        Window(min(max(c - context, 0), size - length), c, min(c + tile, size)) for c in range(0, size, tile)
-    )
-    return TilePlan(windows, length, size, min(context // 2, BLEND) // 2 * 2)
-
-
-def _weights(plan: TilePlan, window: Window, scale: int) -> np.ndarray:
-    """1-D output weights of one window: 1 on its core, linear ramps across interior seams."""
-    x = np.arange(window.start * scale, (window.start + plan.length) * scale, dtype=np.float32) + 0.5
-    half = plan.blend * scale / 2
-    width = max(2 * half, 1e-6)  # no blend: a hard seam at the core's edge
-    weights = np.ones_like(x)
-    if window.core_start > 0:
-        weights = np.minimum(weights, np.clip((x - window.core_start * scale + half) / width, 0, 1))
-    if window.core_end < plan.size:
-        weights = np.minimum(weights, np.clip((window.core_end * scale + half - x) / width, 0, 1))
-    return weights
-
-
 class Upscaler:
     """PAN on a device, with tiling and batching.
 
@@ -146,8 +98,8 @@ class Upscaler:
     ) -> None:
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-        if tile not in (AUTO, None) and (not isinstance(tile, int) or tile < 0):
-            raise ValueError(f"tile must be 'auto', 0 (whole image) or a positive size, got {tile!r}")
+        if tile not in (AUTO, None):
+            check_tile(tile)
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
         self.device = resolve_device(device)
@@ -180,7 +132,7 @@ class Upscaler:
             if height * width * self._bytes_per_px <= self.memory_budget:
                 return None
             side = int(math.sqrt(self.memory_budget / self._bytes_per_px)) // 8 * 8
-            return max(side - 2 * self.context, 32)
+            return max(side - 2 * self.context, MIN_TILE)
         return int(self.tile)
 
     def _batch_for(self, tile_h: int, tile_w: int) -> int:
@@ -228,7 +180,7 @@ class Upscaler:
                 ]
             )
             for (wy, wx), result in zip(chunk, self._run(inputs), strict=True):
-                weight = np.outer(_weights(py, wy, s), _weights(px, wx, s))
+                weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
                 region = np.s_[
                     :, wy.start * s : (wy.start + py.length) * s, wx.start * s : (wx.start + px.length) * s
                 ]

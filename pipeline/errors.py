@@ -1,7 +1,8 @@
 """Typed errors a user can cause. Each message says what is wrong and, where it helps, what to do.
 
-The CLI turns any ``PipelineError`` into one line on stderr and a non-zero exit; batch jobs turn
-``InvalidImageError`` into a row of the errors table (its class name is the error type).
+The CLI turns any ``PipelineError`` into one line on stderr and exit code 2 (the traceback only
+with ``--debug``); batch jobs turn ``InvalidImageError`` into a row of the errors table (its class
+name is the error type). Anything else that escapes is a bug and keeps its traceback.
 """
 
 
@@ -47,3 +48,17 @@ class DatasetError(PipelineError):
 
 class DeviceError(PipelineError):
     """A device or precision that this machine cannot provide (e.g. CUDA asked for, none visible)."""
+
+
+class SettingsError(PipelineError, ValueError):
+    """A setting out of range or settings that contradict each other (also a ``ValueError``)."""
+
+
+class StorageError(PipelineError):
+    """A location that cannot be listed, read or written: missing, permission denied, no space
+    left, a missing bucket, an unreachable endpoint, missing credentials."""
+
+
+class DestinationError(PipelineError):
+    """A destination refused to protect data: it is or holds the inputs, holds files we did not
+    write, or was made with other settings (scale, weights)."""

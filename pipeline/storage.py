@@ -3,11 +3,19 @@
 Writes are atomic where the store allows it: local files go to a temporary name in the same folder
 and are renamed into place, so no half-written file is ever visible under its final name; object
 stores (S3 and the like) make a PUT visible only once complete.
+
+Failures the user can fix (permission denied, no space left, a missing bucket, an unreachable
+endpoint, missing credentials) leave here as ``StorageError`` naming the location; a file that is
+simply absent stays ``FileNotFoundError`` on reads, which callers treat as a normal answer.
+Local paths are made absolute on the driver (``resolve_location``) before a job ships them to Ray
+workers, whose working folder is not the user's.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import posixpath
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,34 +23,100 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import StorageError
+
+PROBE_PREFIX = ".pan-write-probe-"
+# For checks before a job starts: one quick try, so a down endpoint is reported in about a second
+# instead of after botocore's and s3fs's retries (5-10 s measured against a closed port).
+_FAIL_FAST = {"s3": {"config_kwargs": {"connect_timeout": 3, "retries": {"max_attempts": 1}}}}
+
 
 def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+def resolve_location(location: str) -> str:
+    """A URL unchanged; a local path (``~``, relative, ``file://``) as an absolute path."""
+    if is_url(location):
+        return location
+    return os.path.abspath(Path(location.removeprefix("file://")).expanduser())
+
+
 def filesystem(
-    location: str, storage_options: dict[str, Any] | None = None
+    location: str, storage_options: dict[str, Any] | None = None, *, fail_fast: bool = False
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path within it for a local path or URL.
 
     fsspec shares filesystem instances and their listing caches within a process; files here change
     under us (re-runs, other workers), so the cache for the location is dropped first. A stale entry
-    made s3fs send an old ETag and fail with PreconditionFailed.
+    made s3fs send an old ETag and fail with PreconditionFailed. ``fail_fast``: no retries and
+    short timeouts where the protocol has such settings (checks before a job starts).
     """
-    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    options = dict(storage_options or {})
+    protocol = location.split("://", 1)[0] if is_url(location) else "file"
+    for key, value in _FAIL_FAST.get(protocol, {}).items() if fail_fast else ():
+        options[key] = {**value, **options.get(key, {})} if isinstance(value, dict) else value
+    fs, path = fsspec.core.url_to_fs(location, **options)
     fs.invalidate_cache(path)
     return fs, path
 
 
+def storage_error(exc: BaseException, location: str, doing: str) -> StorageError:
+    """``exc``, raised while ``doing`` (reading, writing, listing...) ``location``, as one line
+    that says what is wrong and what to do."""
+    kind = {c.__name__ for c in type(exc).__mro__}  # botocore's and aiohttp's, without importing them
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        why = "no space left on the device (or over quota): free some space or choose another destination"
+    elif code == errno.EROFS:
+        why = "the file system is read-only"
+    elif isinstance(exc, PermissionError) or "AccessDenied" in str(exc):
+        why = "permission denied: check the folder's permissions or the credentials' rights"
+    elif isinstance(exc, NotADirectoryError | FileExistsError):
+        why = "a part of the path is a file, not a folder"
+    elif isinstance(exc, IsADirectoryError):
+        why = "it is a folder, not a file"
+    elif isinstance(exc, FileNotFoundError) and is_url(location):
+        bucket = location.split("://", 1)[1].split("/", 1)[0]
+        why = f"not found; does the bucket '{bucket}' exist?"
+    elif isinstance(exc, FileNotFoundError):
+        why = "no such file or folder"
+    elif "NoCredentialsError" in kind or "PartialCredentialsError" in kind:
+        why = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-options"
+    elif kind & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"}:
+        why = f"cannot reach the endpoint ({_first_line(exc)}); is it up, is AWS_ENDPOINT_URL right?"
+    else:
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+    return StorageError(f"cannot {doing} {location}: {why}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
 def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    if not is_url(location):
-        return Path(location.removeprefix("file://")).expanduser().read_bytes()
-    fs, path = filesystem(location, storage_options)
-    return fs.cat_file(path)
+    """The bytes at ``location``; ``FileNotFoundError`` when there is none."""
+    try:
+        if not is_url(location):
+            return Path(location.removeprefix("file://")).expanduser().read_bytes()
+        fs, path = filesystem(location, storage_options)
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, location, "read") from exc
 
 
 def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``location``, creating parent folders; atomic as described above."""
+    try:
+        _write_bytes(location, data, storage_options)
+    except Exception as exc:
+        raise storage_error(exc, location, "write") from exc
+
+
+def _write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None) -> None:
     if is_url(location):
         fs, path = filesystem(location, storage_options)
         if not isinstance(fs, LocalFileSystem):
@@ -62,6 +136,70 @@ def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | No
         raise
 
 
+def check_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Prove that files can be written under the folder or prefix ``location`` (creating it if
+    needed): write a small hidden probe file and delete it. One quick try on object stores, so a
+    missing bucket, bad credentials or a down endpoint fail here in about a second."""
+    probe = join(location, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+    try:
+        if is_url(location):
+            fs, path = filesystem(probe, storage_options, fail_fast=True)
+            fs.pipe_file(path, b"probe")
+            fs.rm_file(path)
+            return
+        folder = Path(resolve_location(location))
+        if folder.exists() and not folder.is_dir():
+            raise StorageError(f"cannot write under {location}: it is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        Path(probe).write_bytes(b"probe")
+        Path(probe).unlink()
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, location, "write under") from exc
+
+
+def check_listable(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``location`` exists, asked with one quick try; ``StorageError`` when the store
+    cannot answer (unreachable endpoint, no credentials, permission denied)."""
+    try:
+        fs, path = filesystem(location, storage_options, fail_fast=True)
+        return bool(fs.exists(path))
+    except Exception as exc:
+        raise storage_error(exc, location, "list") from exc
+
+
+def location_key(location: str) -> tuple[str, str]:
+    """(protocol, normalised path) for comparing locations: local paths resolved (symlinks
+    followed), URLs without trailing slashes."""
+    if is_url(location):
+        protocol, rest = location.split("://", 1)
+        return protocol, posixpath.normpath("/" + rest).rstrip("/") or "/"
+    return "file", os.path.realpath(resolve_location(location))
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two locations name the same file: same normalised path, or for local files that
+    exist, the same file on disk (a hard link, a symlink)."""
+    if location_key(a) == location_key(b):
+        return True
+    if is_url(a) or is_url(b):
+        return False
+    try:
+        return os.path.samefile(resolve_location(a), resolve_location(b))
+    except OSError:
+        return False
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """Whether ``inner`` is ``outer`` or lies under it (same protocol, path prefix by parts)."""
+    (p1, a), (p2, b) = location_key(inner), location_key(outer)
+    if p1 != p2:
+        return False
+    sep = os.sep if p1 == "file" else "/"
+    return a == b or a.startswith(b.rstrip(sep) + sep)
+
+
 def join(base: str, rel: str) -> str:
     """``rel`` (posix) under ``base``, keeping URLs URLs and paths paths."""
     if is_url(base):
@@ -71,17 +209,23 @@ def join(base: str, rel: str) -> str:
 
 def list_files(location: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Paths of all files under ``location``, relative to it (posix); empty if it does not exist."""
-    fs, root = filesystem(location, storage_options)
-    if not fs.exists(root):
-        return []
-    root = root.rstrip("/")
-    return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
+    try:
+        fs, root = filesystem(location, storage_options)
+        if not fs.exists(root):
+            return []
+        root = root.rstrip("/")
+        return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
+    except Exception as exc:
+        raise storage_error(exc, location, "list") from exc
 
 
 def remove(location: str, storage_options: dict[str, Any] | None = None) -> None:
-    fs, path = filesystem(location, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    try:
+        fs, path = filesystem(location, storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:
+        raise storage_error(exc, location, "delete") from exc
 
 
 def upload_dir(local: str | Path, location: str, storage_options: dict[str, Any] | None = None) -> None:

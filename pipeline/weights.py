@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import WeightsError
+from pipeline.hub import is_repo_id, unreachable_reason
 from pipeline.model import PAN, SCALES, PANConfig
 from pipeline.storage import filesystem, read_bytes
 
@@ -37,7 +38,6 @@ DEFAULT_SOURCE = "eugenesiow/pan"
 CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "PANx3_DF2K.pth", "pan_x4.pt", "pytorch_model_2x.pt", "model_3x.safetensors"
 _SCALE_IN_NAME = re.compile(r"(?:^|pan|[_.-])x([234])(?!\d)|(?<!\d)([234])x(?=[_.-]|$)", re.I)
 
@@ -169,15 +169,19 @@ def _locate_hub(repo_id: str, scale: int, revision: str | None, cache_dir: str |
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    # Offline, or the hub unreachable: the cache only, at once, instead of the client's retries.
+    unreachable = unreachable_reason()
+
     def fetch(filename: str) -> str:
         try:
-            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+            return hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=bool(unreachable)
+            )
         except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: test it first
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-            why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
             raise WeightsError(
-                f"{filename} of {repo_id} is not in the Hugging Face cache and {why}; "
-                "download it where there is network, or pass a local folder or file"
+                f"{repo_id}: no such file or folder, and as a hub repo its {filename} is not in the Hugging "
+                f"Face cache while {unreachable or 'the hub could not be reached'}; pass --weights a local "
+                f"weights file or folder (e.g. PANx{scale}_DF2K.pth), or download it where there is network"
             ) from exc
         except EntryNotFoundError as exc:
             raise WeightsError(f"Hugging Face repo {repo_id} has no {filename}") from exc
@@ -207,9 +211,9 @@ def _locate(
         return _locate_folder(path, scale)
     if path.is_file():
         return _Located(str(path), path.read_bytes(), None, None)
-    if _REPO_ID.match(source) and not source.lower().endswith(WEIGHT_SUFFIXES):
+    if is_repo_id(source):
         return _locate_hub(source, scale, revision, cache_dir)
-    raise WeightsError(f"no weights at {source}: not a file, a folder, a URL or a hub repo id")
+    raise WeightsError(f"no weights at {source}: no such file or folder (nor a hub repo id, owner/name)")
 
 
 # ---------------------------------------------------------------------------------------------

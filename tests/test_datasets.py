@@ -1,4 +1,6 @@
 import pickle
+import socket
+import time
 import zipfile
 
 import numpy as np
@@ -180,6 +182,27 @@ def test_loading_script_dataset_names_the_forms_that_work(tmp_path):
         open_pairs(str(repo), 2)
     message = str(info.value)
     assert "\n" not in message and "HR/" in message and "DIV2K_train_HR.zip" in message
+
+
+def test_a_mistyped_local_path_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in ("../shared/train/BSDS20", "./photos", "data/train/hr", "photos"):
+        with pytest.raises(DatasetError, match="no such file or folder"):
+            open_pairs(source, 2)
+
+
+def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    with pytest.raises(
+        DatasetError, match=r"no such file or folder, and the .* hub cannot .*HF_HUB_OFFLINE=1"
+    ):
+        open_pairs("someone/div2k-parquet", 2)
+    assert time.perf_counter() - started < 5
 
 
 # ---------------------------------------------------------------------------------------------

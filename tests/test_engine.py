@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import Upscaler, plan_axis, resolve_device
+from pipeline.engine import Upscaler, resolve_device
 from pipeline.errors import DeviceError
 from pipeline.imaging import DecodedImage, decode_image
 from pipeline.model import PAN
+from pipeline.tiling import plan_axis
 from pipeline.weights import load_pretrained
 
 

@@ -1,5 +1,7 @@
 import io
 import json
+import socket
+import time
 
 import fsspec
 import huggingface_hub.constants
@@ -152,8 +154,37 @@ def test_hub_repo_from_the_offline_cache(tmp_path, monkeypatch):
     loaded = load_pretrained(scale=2, cache_dir=str(cache))  # the default source: eugenesiow/pan
     assert _same_tensors(model, loaded)
     assert loaded.weights_info.id == "eugenesiow/pan@x2"
-    with pytest.raises(WeightsError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache while HF_HUB_OFFLINE is set"):
         load_pretrained("eugenesiow/pan", scale=3, cache_dir=str(cache))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_uses_the_cache_or_fails_at_once(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, but no hub either: one quick connection attempt, then the cache only."""
+    model = _model(2)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    config = json.dumps({"model_type": "PAN", "scale": 2}).encode()
+    cache = _hub_cache(tmp_path, "eugenesiow/pan", {"config.json": config, pt_name(2): buffer.getvalue()})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert _same_tensors(model, load_pretrained(scale=2, cache_dir=str(cache)))
+    started = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"cannot be reached.*pass --weights a local"):
+        load_pretrained("eugenesiow/pan", scale=4, cache_dir=str(cache))
+    assert time.perf_counter() - started < 5
+
+
+def test_local_looking_paths_are_never_tried_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in ("./runs/export", "weights/PANx2.pth", "../x/y/z", "nope.pth"):
+        with pytest.raises(WeightsError, match="no such file or folder"):
+            load_pretrained(source, scale=2)
 
 
 def test_fsspec_urls_file_and_folder():
