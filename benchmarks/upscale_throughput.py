@@ -294,7 +294,7 @@ def start_ray() -> None:
     """Start an embedded local Ray the way ``run_upscale`` does (``pipeline.raycluster.connect``)."""
     from pipeline.raycluster import connect
 
-    connect(None, dashboard=False)
+    connect(None)
 
 
 def ray_startup_seconds() -> float:
@@ -331,8 +331,9 @@ def run_pipeline(
     meter.start()
     start = time.perf_counter()
 
-    def on_progress(counts: Counter) -> None:
-        progress.append((time.perf_counter() - start, counts["succeeded"] + counts["failed"]))
+    def on_progress(counts: Counter, output_pixels: int, total: int | None) -> None:
+        if counts["succeeded"] + counts["failed"]:  # a batch came back (not the call before work)
+            progress.append((time.perf_counter() - start, counts["succeeded"] + counts["failed"]))
 
     try:
         summary = run_upscale(job, on_progress=on_progress)

@@ -1,14 +1,20 @@
-"""The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2."""
+"""The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2,
+before any image is computed where it can be known before (``--debug`` adds the traceback).
+Anything else is a bug and keeps its traceback. Ray's own logging stays hidden unless
+``--verbose``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DestinationError, PipelineError
 
 EXIT_USER_ERROR = 2
 
@@ -27,17 +33,38 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="PX",
-        help="input tile size in pixels; 0 = whole image (default: automatic, by memory)",
+        help="input tile size in pixels, at least 32; 0 = whole image (default: automatic, by memory)",
     )
 
 
 def _upscaler(args: argparse.Namespace):
     from pipeline.engine import AUTO, Upscaler
+    from pipeline.hub import resolve_source
+    from pipeline.tiling import check_tile
     from pipeline.weights import load_pretrained
 
-    model = load_pretrained(args.weights, scale=args.scale)
+    if args.tile is not None:
+        check_tile(args.tile)  # before loading anything
+    model = load_pretrained(resolve_source(args.weights) if args.weights else None, scale=args.scale)
     tile = AUTO if args.tile is None else args.tile
     return Upscaler(model, device=args.device, precision=args.precision, tile=tile)
+
+
+def _refuse_overwriting_inputs(output: str, *inputs: str | None) -> None:
+    """``upscale-image`` and ``compare`` never write over a file they read."""
+    from pipeline.storage import same_location
+
+    for source in inputs:
+        if source and same_location(output, source):
+            raise DestinationError(f"{output} is also an input: choose another output path")
+
+
+def _check_output_folder(location: str) -> None:
+    """Before computing: the folder ``location`` will be written in takes a write."""
+    from pipeline.storage import check_writable, is_url, resolve_location
+
+    folder = location.rsplit("/", 1)[0] if is_url(location) else str(Path(resolve_location(location)).parent)
+    check_writable(folder)
 
 
 def _read_image(location: str):
@@ -70,8 +97,15 @@ def cmd_upscale_image(args: argparse.Namespace) -> int:
     from pipeline.storage import write_bytes
 
     fmt = _output_format(args.output)
+    _refuse_overwriting_inputs(args.output, args.input)
+    if args.compare:
+        _output_format(args.compare)
+        _refuse_overwriting_inputs(args.compare, args.input, args.output)
     image = _read_image(args.input)
     upscaler = _upscaler(args)
+    for location in (args.output, args.compare):
+        if location:
+            _check_output_folder(location)
     result = upscaler.upscale_image(image)
     write_bytes(args.output, encode_image(result, fmt, png_compress_level=args.png_compress_level))
     print(f"{args.input} ({image.width}x{image.height}) -> {args.output} ({result.width}x{result.height})")
@@ -107,16 +141,19 @@ def _write_comparison(upscaler, lr, hr, location: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    _output_format(args.output)
+    _refuse_overwriting_inputs(args.output, args.input, args.hr)
     lr = _read_image(args.input).pixels
     hr = _read_image(args.hr).pixels if args.hr else None
-    _write_comparison(_upscaler(args), lr, hr, args.output)
+    upscaler = _upscaler(args)
+    _check_output_folder(args.output)
+    _write_comparison(upscaler, lr, hr, args.output)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from pipeline.eval_job import EvalJob, run_eval
+    from pipeline.progress import JobProgress
     from pipeline.report import markdown_table
     from pipeline.storage import write_bytes
 
@@ -130,11 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.weights,
         **{k: v for k, v in settings.items() if v is not None},
     )
-    with Progress(transient=True, console=_stderr_console()) as progress:
-        task = progress.add_task("evaluating", total=None)
-        reports = run_eval(
-            job, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
-        )
+    if args.report:
+        _check_output_folder(args.report)
+    with JobProgress("evaluating", unit="images") as progress:
+        reports = run_eval(job, on_progress=lambda done, total: progress.update({"scored": done}, 0, total))
     print(markdown_table(reports))
     if args.report:
         # One (set, scale): the report object; several: a list of them.
@@ -145,8 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from pipeline.progress import JobProgress
     from pipeline.upscale import UpscaleJob, check_error_fraction, run_upscale
 
     overrides = {k: getattr(args, k) for k in UPSCALE_FLAGS}
@@ -156,22 +191,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise PipelineError(f"--storage-options is not JSON: {exc}") from exc
     overrides.update(source=args.source, dest=args.dest)
-    if args.overwrite:
-        overrides["overwrite"] = True
+    for flag in ("overwrite", "dest_inside_source"):  # store_true flags: only a given one overrides the spec
+        if getattr(args, flag):
+            overrides[flag] = True
     job = _job_settings(UpscaleJob, args.config, overrides)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[counts]}"),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, console=_stderr_console(), transient=True) as progress:
-        task = progress.add_task("upscaling", total=None, counts="")
-
-        def on_progress(counts) -> None:
-            progress.update(task, counts=", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-
-        summary = run_upscale(job, on_progress=on_progress)
+    with JobProgress("upscaling") as progress:
+        summary = run_upscale(job, on_progress=progress.update)
     print(
         f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
         f"{summary['skipped']} skipped; {summary['output_megapixels']:.1f} MP out in "
@@ -216,15 +241,18 @@ TRAIN_FLAGS = (
 
 def _job_settings(job_class, config: str | None, overrides: dict):
     """A job's settings: its YAML spec (if any) overridden by the flags that were given."""
+    from pydantic import ValidationError
+
     try:
         if config:
             return job_class.from_yaml(config, **overrides)
         return job_class(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic's ValidationError: name the first problem in one line
-        lines = str(exc).splitlines()
-        raise PipelineError(
-            f"invalid job settings: {' '.join(lines[1:3]) if len(lines) > 2 else exc}"
-        ) from exc
+    except ValidationError as exc:  # name the first problem in one line
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        source = f" in {config}" if config else ""
+        raise PipelineError(f"invalid job settings{source}: {where}: {message}") from exc
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -239,19 +267,21 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stderr_console():
-    from rich.console import Console
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every user error: one line on stderr, exit code 2."""
 
-    return Console(stderr=True)
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"pan: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pan", description="PAN super-resolution, from one image to a cluster."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--verbose", action="store_true", help="show Ray's own logs and warnings")
+    parser = _Parser(prog="pan", description="PAN super-resolution, from one image to a cluster.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("upscale-image", help="upscale one image file")
+    p = sub.add_parser("upscale-image", parents=[common], help="upscale one image file")
     p.add_argument("input", help="image file or URL")
     p.add_argument("output", help="output file or URL (.png, .jpg, .webp)")
     _add_model_options(p)
@@ -259,14 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="PICTURE", help="also write a bicubic | PAN picture here")
     p.set_defaults(handler=cmd_upscale_image)
 
-    p = sub.add_parser("compare", help="write a side-by-side bicubic | PAN | HR picture")
+    p = sub.add_parser("compare", parents=[common], help="write a side-by-side bicubic | PAN | HR picture")
     p.add_argument("input", help="low-resolution image")
     p.add_argument("output", help="picture to write (.png, .jpg, .webp)")
     p.add_argument("--hr", help="the high-resolution original: adds a panel and PSNR labels")
     _add_model_options(p)
     p.set_defaults(handler=cmd_compare)
 
-    p = sub.add_parser("eval", help="PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline")
+    p = sub.add_parser(
+        "eval", parents=[common], help="PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline"
+    )
     p.add_argument(
         "--data",
         action="append",
@@ -291,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("upscale", help="upscale a folder, S3 prefix or shards on Ray (the batch job)")
+    p = sub.add_parser(
+        "upscale", parents=[common], help="upscale a folder, S3 prefix or shards on Ray (the batch job)"
+    )
     p.add_argument("source", help="folder or URL (s3://...) of images, Parquet or tar shards")
     p.add_argument("dest", help="output folder or URL")
     p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
@@ -300,11 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("png", "parquet", "both"))
     p.add_argument("--image-column", help="image bytes column of Parquet shards (default: image)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options, e.g. '{\"anon\": true}'")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every input, replacing pan's earlier outputs (even of other weights or scale)",
+    )
+    p.add_argument(
+        "--dest-inside-source",
+        action="store_true",
+        help="allow DEST inside SOURCE; DEST's files are then never read as inputs",
+    )
     p.add_argument("--max-error-fraction", type=float, metavar="F", help="fail when more inputs fail")
     p.add_argument("--device", help="where actors compute: auto (default), cpu, cuda")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--tile", type=int, metavar="PX", help="input tile size; 0 = whole image")
+    p.add_argument("--tile", type=int, metavar="PX", help="input tile size (>= 32); 0 = whole image")
     p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else one per CPU)")
     p.add_argument(
         "--png-compress-level",
@@ -317,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_upscale)
 
-    p = sub.add_parser("train", help="train or fine-tune PAN on Ray Train (the same name resumes)")
+    p = sub.add_parser(
+        "train", parents=[common], help="train or fine-tune PAN on Ray Train (the same name resumes)"
+    )
     p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
     p.add_argument("--data", help="training images: folder, DIV2K zip, Parquet, imagefolder or hub id")
     p.add_argument("--lr-data", help="matching LR archive/folder (default: bicubic from HR)")
@@ -338,23 +383,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("weights", help="list the known published weights")
+    p = sub.add_parser("weights", parents=[common], help="list the known published weights")
     p.set_defaults(handler=cmd_weights)
     return parser
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.raycluster import Terminated, quiet_ray, shutdown_on_exit
+
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="pan: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
+    quiet_ray(verbose=args.verbose)
     try:
-        return args.handler(args)
+        with shutdown_on_exit():
+            return args.handler(args)
     except PipelineError as exc:
-        print(f"pan: error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
     except OSError as exc:  # missing, unreadable or unwritable files, local or remote
+        if args.debug:
+            traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"pan: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"pan: error: {_one_line(exc.strerror or str(exc))}{where}", file=sys.stderr)
+    except Terminated:
+        print("pan: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("pan: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return EXIT_USER_ERROR
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
 from pipeline.model import SCALES
-from pipeline.raycluster import actor_device, actor_pool, connect, user_error
+from pipeline.raycluster import actor_device, actor_pool, connect, data_context, user_error
+from pipeline.tiling import check_tile
 
 SCALE_PLACEHOLDER = "{scale}"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,17 +50,26 @@ class EvalJob:
     images_per_batch: int = 1
 
     def __post_init__(self) -> None:
-        # Repeats are harmless (``--scale 2 --scale 2``): keep the first of each, in order.
-        object.__setattr__(self, "sources", tuple(dict.fromkeys(str(s) for s in self.sources)))
+        from pipeline.hub import resolve_source
+        from pipeline.storage import resolve_location
+
+        # Repeats are harmless (``--scale 2 --scale 2``): keep the first of each, in order. Local
+        # paths become absolute: actors on Ray workers do not share the user's working folder.
+        sources = tuple(dict.fromkeys(resolve_source(str(s)) for s in self.sources))
+        object.__setattr__(self, "sources", sources)
         object.__setattr__(self, "scales", tuple(dict.fromkeys(int(s) for s in self.scales)))
+        if self.weights:
+            object.__setattr__(self, "weights", resolve_source(self.weights))
+        if self.compare_dir:
+            object.__setattr__(self, "compare_dir", resolve_location(self.compare_dir))
         if not self.sources:
             raise PipelineError("no benchmark set to evaluate: give at least one --data")
         if not self.scales or any(s not in SCALES for s in self.scales):
             raise PipelineError(f"scales must be among {SCALES}, got {list(self.scales)}")
         if self.precision not in PRECISIONS:
             raise PipelineError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.tile is not None and self.tile < 0:
-            raise PipelineError(f"tile must be 0 (whole image) or a positive size, got {self.tile}")
+        if self.tile is not None:
+            check_tile(self.tile)
         if self.actors is not None and self.actors < 1:
             raise PipelineError(f"actors must be at least 1, got {self.actors}")
         if self.images_per_batch < 1:
@@ -196,9 +206,17 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     import ray
     import ray.data
 
+    from pipeline.datasets import open_pairs
+    from pipeline.storage import check_writable
+
     weights_ids = _weights_ids(job)
-    connect(job.address, dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    for source in job.sources:  # names only, nothing decoded: a bad set fails before Ray starts
+        for scale in job.scales:
+            open_pairs(source, scale, split=job.split)
+    if job.compare_dir:
+        check_writable(job.compare_dir)
+    connect(job.address)
+    data_context()
     tasks, ds = _put_benchmarks(job)
     total = sum(len(t.names) for t in tasks)
     pool = _pool(job, total)

@@ -7,27 +7,42 @@ Layout under DEST:
 - ``_errors/<hash>.parquet``: one file per failed input (``key, name, error_type, message``), so
   ``pyarrow.parquet.read_table(DEST + "/_errors")`` is the errors table; cleared at the start of
   a run, since every failed input is retried;
-- ``_summary.json``: the counts and throughput of the last run.
+- ``_summary.json``: the counts and throughput of the last run;
+- ``_pan.json``: the destination record: it says the destination is ours and which scale and
+  weights made its outputs (``DestinationRecord``).
 Every file appears under its final name only when complete (see ``pipeline.storage``).
+
+A destination is claimed before any work (``claim_dest``): a new or empty one gets a record; one
+with a record is ours, and is refused when the run's scale or weights differ from it, unless the
+run overwrites; a non-empty one without a record holds files we did not write and is refused,
+``--overwrite`` or not. (Destinations made before records existed, recognised by their
+``_summary.json``, are adopted.) Hidden files do not count: outputs are never hidden.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import filesystem, join, list_files, remove, write_bytes
+from pipeline.errors import DestinationError
+from pipeline.storage import filesystem, join, list_files, read_bytes, remove, storage_error, write_bytes
 
-FORMATS = ("png", "parquet", "both")
+SINKS = {"png": ("png",), "parquet": ("parquet",), "both": ("png", "parquet")}  # format -> sinks
 PARQUET_DIR = "parquet"
 ERRORS_DIR = "_errors"
 SUMMARY_NAME = "_summary.json"
+RECORD_NAME = "_pan.json"
+log = logging.getLogger(__name__)
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -60,37 +75,149 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def wants_png(fmt: str) -> bool:
-    return fmt in ("png", "both")
-
-
-def wants_parquet(fmt: str) -> bool:
-    return fmt in ("parquet", "both")
-
-
-def existing_outputs(dest: str, fmt: str, storage_options: dict[str, Any] | None = None) -> set[str]:
-    """Names whose outputs are complete for ``fmt`` (for ``both``: present in both sinks)."""
+def existing_outputs(
+    dest: str, sinks: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> dict[str, frozenset[str]]:
+    """For each of ``sinks``, the output names it holds complete."""
     files = list_files(dest, storage_options)
-    sets = []
-    if wants_png(fmt):
-        sets.append({f for f in files if f.endswith(".png") and not f.startswith(("_", f"{PARQUET_DIR}/"))})
-    if wants_parquet(fmt):
+    written: dict[str, frozenset[str]] = {}
+    if "png" in sinks:
+        written["png"] = frozenset(
+            f for f in files if f.endswith(".png") and not f.startswith(("_", f"{PARQUET_DIR}/"))
+        )
+    if "parquet" in sinks:
         names: set[str] = set()
         fs, root = filesystem(join(dest, PARQUET_DIR), storage_options)
         for part in (f for f in files if f.startswith(f"{PARQUET_DIR}/part-") and f.endswith(".parquet")):
             with fs.open(f"{root.rstrip('/')}/{part.split('/', 1)[1]}", "rb") as f:
                 names.update(pq.read_table(f, columns=["name"]).column("name").to_pylist())
-        sets.append(names)
-    return set.intersection(*sets)
+        written["parquet"] = frozenset(names)
+    return written
+
+
+@dataclass(frozen=True)
+class DestinationRecord:
+    """What made a destination's outputs (``DEST/_pan.json``)."""
+
+    scale: int
+    weights_id: str
+    weights_sha256: str
+    # Set while an --overwrite run replaces outputs made with other settings: until one finishes,
+    # the destination mixes both, and only another --overwrite run may continue.
+    replacing: dict[str, Any] | None = None
+
+    def differs(self, other: DestinationRecord) -> bool:
+        return (self.scale, self.weights_sha256) != (other.scale, other.weights_sha256)
+
+    def describe(self) -> str:
+        return f"x{self.scale} with weights {self.weights_id} (sha256 {self.weights_sha256[:12]})"
+
+
+def read_record(dest: str, storage_options: dict[str, Any] | None = None) -> DestinationRecord | None:
+    location = join(dest, RECORD_NAME)
+    try:
+        data = json.loads(read_bytes(location, storage_options))
+        fields = {f.name for f in dataclasses.fields(DestinationRecord)}
+        return DestinationRecord(**{k: v for k, v in data.items() if k in fields})
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise DestinationError(
+            f"{location} is damaged ({exc}); restore it or choose a new destination"
+        ) from exc
+
+
+def write_record(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
+    from pipeline import __version__
+
+    payload = {
+        **dataclasses.asdict(record),
+        "written_by": f"pan-pipeline {__version__}",
+        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_bytes(join(dest, RECORD_NAME), (json.dumps(payload, indent=2) + "\n").encode(), storage_options)
+
+
+def _some_visible_files(dest: str, storage_options: dict[str, Any] | None, limit: int = 4) -> list[str]:
+    """Up to ``limit`` files under ``dest`` that are not hidden, nor in a hidden folder (relative
+    paths); the walk stops there, so a big foreign folder costs little."""
+    found: list[str] = []
+    try:
+        fs, root = filesystem(dest, storage_options)
+        if not fs.exists(root):
+            return []
+        root = root.rstrip("/")
+        for folder, dirs, files in fs.walk(root, topdown=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = folder[len(root) :].strip("/")
+            found += [f"{rel}/{f}" if rel else f for f in sorted(files) if not f.startswith(".")]
+            if len(found) >= limit:
+                break
+    except FileNotFoundError:
+        return []
+    except Exception as exc:
+        raise storage_error(exc, dest, "list") from exc
+    return found[:limit]
+
+
+def claim_dest(
+    dest: str, run: DestinationRecord, *, overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> DestinationRecord:
+    """Check that ``dest`` may take this run's outputs and record the run's settings there (see
+    the module docstring); returns the record written. ``DestinationError`` says why not."""
+    record = read_record(dest, storage_options)
+    if record is None:
+        entries = _some_visible_files(dest, storage_options)
+        fs, summary = filesystem(join(dest, SUMMARY_NAME), storage_options)
+        legacy = fs.exists(summary)  # made by pan before destinations had records
+        if entries and not legacy:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DestinationError(
+                f"{dest} already holds files that pan did not write ({shown}); choose a new or empty "
+                "destination (--overwrite never replaces files pan did not write)"
+            )
+        if entries:
+            log.warning(
+                "%s was made before destinations had a %s; adopting it as %s",
+                dest,
+                RECORD_NAME,
+                run.describe(),
+            )
+    elif record.replacing and not overwrite:
+        raise DestinationError(
+            f"an --overwrite run into {dest} did not finish: it holds outputs made {record.describe()} "
+            f"and others made x{record.replacing['scale']} with weights {record.replacing['weights_id']}; "
+            "run again with --overwrite to finish replacing them"
+        )
+    elif record.differs(run) and not overwrite:
+        raise DestinationError(
+            f"{dest} holds outputs made {record.describe()}, but this run is {run.describe()}; "
+            "choose another destination, or pass --overwrite to replace them all"
+        )
+    if record is not None and record.differs(run):
+        replaced = record.replacing or {"scale": record.scale, "weights_id": record.weights_id}
+        run = dataclasses.replace(run, replacing=replaced)
+    elif record is not None and record.replacing:
+        run = dataclasses.replace(run, replacing=record.replacing)
+    if run != record:
+        write_record(dest, run, storage_options)
+    return run
+
+
+def finish_dest(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
+    """After a run that went through every input: an --overwrite that was replacing other
+    settings' outputs is complete."""
+    if record.replacing:
+        write_record(dest, dataclasses.replace(record, replacing=None), storage_options)
 
 
 def prepare_dest(
-    dest: str, fmt: str, *, overwrite: bool, storage_options: dict[str, Any] | None = None
+    dest: str, sinks: Sequence[str], *, overwrite: bool, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Clear what a new run replaces: old errors always, old Parquet parts with ``overwrite``;
     and leftovers of a killed run (hidden ``.part`` temporaries)."""
     remove(join(dest, ERRORS_DIR), storage_options)
-    if overwrite and wants_parquet(fmt):
+    if overwrite and "parquet" in sinks:
         remove(join(dest, PARQUET_DIR), storage_options)
     for rel in list_files(dest, storage_options):
         if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):

@@ -6,6 +6,10 @@ rows of ``key`` + raw ``bytes`` (no decoding here). Keys are paths relative to t
 style: ``sub/photo.jpg`` for a file, ``shards/000.parquet/000017`` or ``shards/000.tar/s42.jpg``
 for a shard member. Each row also has its output ``name``: the key with image extension ``.png``
 (``sub/photo.png``, ``shards/000/000017.png``, ``shards/000/s42.png``), which makes runs idempotent.
+
+Each unit knows, per sink, which of its output names are already written (``written``); a row
+carries the sinks it still has to be written to (``sinks``), so an input half done by an earlier
+run (its PNG written but not its Parquet row, say) is finished without writing anything twice.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.imaging import IMAGE_SUFFIXES
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, storage_error
 
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
 
@@ -33,7 +37,8 @@ class InputUnit:
     url: str
     rel: str  # path relative to the source root
     kind: str  # "image" | "parquet" | "tar"
-    done: frozenset[str] = field(default_factory=frozenset)  # output names that already exist
+    # sink -> this unit's output names already written there (for a shard: its members')
+    written: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -56,22 +61,41 @@ def kind_of(path: str) -> str | None:
     return None
 
 
-def list_inputs(source: str, storage_options: dict[str, Any] | None = None) -> list[InputUnit]:
-    """Every readable input under ``source`` (a folder or a single file), sorted by path."""
-    fs, root = filesystem(source, storage_options)
-    if not fs.exists(root):
-        raise PipelineError(f"source not found: {source}")
-    if fs.isfile(root):
-        kind = kind_of(root)
-        if kind is None:
-            raise PipelineError(f"{source} is not an image, a .parquet or a .tar shard")
-        return [InputUnit(source, posixpath.basename(root), kind)]
-    root = root.rstrip("/")
+def missing_sinks(name: str, sinks: Sequence[str], written: Mapping[str, frozenset[str]]) -> tuple[str, ...]:
+    """The sinks among ``sinks`` that do not hold output ``name`` yet."""
+    return tuple(s for s in sinks if name not in written.get(s, ()))
+
+
+def list_inputs(
+    source: str, storage_options: dict[str, Any] | None = None, *, exclude: str | None = None
+) -> list[InputUnit]:
+    """Every readable input under ``source`` (a folder or a single file), sorted by path.
+
+    ``exclude``: a folder under ``source`` (relative, posix) whose files are not inputs: a
+    destination inside the source.
+    """
+    try:
+        fs, root = filesystem(source, storage_options)
+        if not fs.exists(root):
+            raise PipelineError(f"source not found: {source}")
+        if fs.isfile(root):
+            kind = kind_of(root)
+            if kind is None:
+                raise PipelineError(f"{source} is not an image, a .parquet or a .tar shard")
+            return [InputUnit(source, posixpath.basename(root), kind)]
+        root = root.rstrip("/")
+        paths = sorted(fs.find(root))
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, source, "list") from exc
     units = []
-    for path in sorted(fs.find(root)):
+    for path in paths:
         rel = path[len(root) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files and our own metadata (_errors, _summary.json) are not inputs
+        if exclude and (rel == exclude or rel.startswith(exclude.rstrip("/") + "/")):
+            continue
         kind = kind_of(rel)
         if kind is not None:
             units.append(InputUnit(join(source, rel), rel, kind))
@@ -83,28 +107,60 @@ class InputRow:
     key: str
     name: str
     data: bytes | None  # None when skipped (outputs exist) or unreadable
-    skipped: bool = False
+    sinks: tuple[str, ...] = ()  # the sinks to write it to; empty: skipped, every output exists
     error_type: str = ""
     error: str = ""
 
+    @property
+    def skipped(self) -> bool:
+        return not self.sinks and not self.error_type
 
-def read_unit(unit: InputUnit, image_column: str, storage_options: dict[str, Any]) -> Iterator[InputRow]:
-    """Rows of raw bytes for one unit; a unit that cannot be read yields one error row."""
+
+COLLISION = "OutputNameCollision"
+
+
+def collision_message(key: str, name: str) -> str:
+    return f"{key}: its output name {name} is taken by another input; rename one of them"
+
+
+def read_unit(
+    unit: InputUnit, sinks: Sequence[str], image_column: str, storage_options: dict[str, Any]
+) -> Iterator[InputRow]:
+    """Rows of raw bytes for one unit, each with the ``sinks`` that still lack its output; a unit
+    that cannot be read yields one error row. Shard members whose output name an earlier member
+    took (``x/a.png`` and ``y/a.png`` of a Parquet shard) become error rows, never a second output."""
     fs, path = filesystem(unit.url, storage_options)
+    seen: set[str] = set()
     try:
         if unit.kind == "image":
-            yield InputRow(unit.rel, unit.name, fs.cat_file(path))
+            rows = iter(
+                [
+                    InputRow(
+                        unit.rel, unit.name, fs.cat_file(path), missing_sinks(unit.name, sinks, unit.written)
+                    )
+                ]
+            )
         elif unit.kind == "parquet":
-            yield from _parquet_rows(unit, fs.cat_file(path), image_column)
+            rows = _parquet_rows(unit, sinks, fs.cat_file(path), image_column)
         else:
-            yield from _tar_rows(unit, fs.cat_file(path))
+            rows = _tar_rows(unit, sinks, fs.cat_file(path))
+        for row in rows:
+            if row.name in seen:
+                yield InputRow(
+                    row.key, row.name, None, tuple(sinks), COLLISION, collision_message(row.key, row.name)
+                )
+                continue
+            seen.add(row.name)
+            yield row
     except (OSError, ValueError, tarfile.TarError, PipelineError) as exc:
         # pyarrow raises ArrowInvalid (a ValueError) for damaged Parquet; fsspec raises OSError.
         error = f"{unit.rel}: {exc}"
-        yield InputRow(unit.rel, unit.name, None, error_type=type(exc).__name__, error=error)
+        yield InputRow(unit.rel, unit.name, None, tuple(sinks), error_type=type(exc).__name__, error=error)
 
 
-def _parquet_rows(unit: InputUnit, data: bytes, image_column: str) -> Iterator[InputRow]:
+def _parquet_rows(
+    unit: InputUnit, sinks: Sequence[str], data: bytes, image_column: str
+) -> Iterator[InputRow]:
     table = pq.read_table(io.BytesIO(data))
     if image_column not in table.column_names:
         raise PipelineError(f"no column '{image_column}' (columns: {table.column_names}); use --image-column")
@@ -115,15 +171,16 @@ def _parquet_rows(unit: InputUnit, data: bytes, image_column: str) -> Iterator[I
         member = str(names[index]) if names else f"{index:06d}"
         key = f"{unit.rel}/{member}"
         name = unit.member_prefix + posixpath.splitext(posixpath.basename(member))[0] + ".png"
-        if name in unit.done:
-            yield InputRow(key, name, None, skipped=True)
+        missing = missing_sinks(name, sinks, unit.written)
+        if not missing:
+            yield InputRow(key, name, None)
             continue
         if isinstance(cell, dict):  # a datasets Image column: {"bytes": ..., "path": ...}
             cell = cell.get("bytes")
-        yield InputRow(key, name, bytes(cell) if cell is not None else b"")
+        yield InputRow(key, name, bytes(cell) if cell is not None else b"", missing)
 
 
-def _tar_rows(unit: InputUnit, data: bytes) -> Iterator[InputRow]:
+def _tar_rows(unit: InputUnit, sinks: Sequence[str], data: bytes) -> Iterator[InputRow]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar:
             if not member.isfile() or kind_of(member.name) != "image":
@@ -131,8 +188,9 @@ def _tar_rows(unit: InputUnit, data: bytes) -> Iterator[InputRow]:
             member_name = member.name.removeprefix("./")
             key = f"{unit.rel}/{member_name}"
             name = unit.member_prefix + posixpath.splitext(member_name)[0] + ".png"
-            if name in unit.done:
-                yield InputRow(key, name, None, skipped=True)
+            missing = missing_sinks(name, sinks, unit.written)
+            if not missing:
+                yield InputRow(key, name, None)
                 continue
             extracted = tar.extractfile(member)
-            yield InputRow(key, name, extracted.read() if extracted else b"")
+            yield InputRow(key, name, extracted.read() if extracted else b"", missing)

@@ -10,15 +10,17 @@ Layout under ``STORAGE/NAME`` (local or ``s3://``):
 ``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
 and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``, ``export/`` (final weights)
 and ``export-best/`` (best validation), both in the ``save_pretrained`` layout that
-``pan upscale --weights`` takes.
+``pan upscale --weights`` takes, and ``run.json``: the model the run trains (scale and PAN config).
 
 Running again with the same storage and name resumes from the latest checkpoint: steps are never
-done twice, and ``max_steps`` may be raised to train further.
+done twice, and ``max_steps`` may be raised to train further. A resume that would train another
+model (another scale, or ``init_weights`` of another shape) is refused before any worker starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,24 +29,25 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from pipeline.errors import PipelineError
-from pipeline.jobspec import JobSpec
-from pipeline.model import PAN
-from pipeline.storage import join, read_bytes, upload_dir, write_bytes
+from pipeline.errors import PipelineError, SettingsError
+from pipeline.jobspec import JobSpec, Location, Source
+from pipeline.model import PAN, PANConfig
+from pipeline.storage import check_writable, join, list_files, read_bytes, upload_dir, write_bytes
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
+RUN_FILE = "run.json"
 
 
 class TrainJob(JobSpec):
     """Every setting of a training run; the one place their defaults live."""
 
-    data: str  # a folder, DIV2K zip, Parquet, imagefolder or hub id (see pipeline.datasets)
-    lr_data: str | None = None  # the matching LR archive/folder (e.g. DIV2K_train_LR_bicubic_X2.zip)
+    data: Source  # a folder, DIV2K zip, Parquet, imagefolder or hub id (see pipeline.datasets)
+    lr_data: Source | None = None  # the matching LR archive/folder (e.g. DIV2K_train_LR_bicubic_X2.zip)
     scale: Literal[2, 3, 4]
-    name: str = Field(min_length=1)
-    storage: str = "runs"
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$")  # a folder name under storage
+    storage: Location = "runs"
     workers: int = Field(default=1, ge=1)
     gpu: bool = False
     max_steps: int = Field(default=1000, ge=1)
@@ -53,8 +56,8 @@ class TrainJob(JobSpec):
     lr: float = Field(default=7e-4, gt=0)
     min_lr: float = Field(default=1e-7, ge=0)
     restart_every: int = Field(default=250_000, ge=1)  # cosine period in steps (PAN: 4 x 250k)
-    init_weights: str | None = None  # fine-tune from anything from_pretrained loads
-    val_data: str | None = None  # a benchmark set; Set5 is the usual choice
+    init_weights: Source | None = None  # fine-tune from anything from_pretrained loads
+    val_data: Source | None = None  # a benchmark set; Set5 is the usual choice
     val_every: int = Field(default=500, ge=1)  # also the checkpoint period
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
     five_crop: bool = False
@@ -170,6 +173,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        if state.get("config", model.config.to_dict()) != model.config.to_dict():  # run.json's backstop
+            raise SettingsError(
+                f"the checkpoint of {job.run_dir} holds PAN {state['config']}, not {model.config}"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -266,7 +273,8 @@ def _checkpoint(job, rank, step, best, model, ema, optimizer, scheduler, record,
                 if metrics["val_psnr_y"] > best:
                     best = metrics["val_psnr_y"]
                     _export(scored, join(job.run_dir, "export-best"), job.storage_options)
-            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": _unwrap(model).state_dict(), "config": _unwrap(model).config.to_dict(),
+                     "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "best": best,
                      "rng": torch.get_rng_state()}  # fmt: skip
             if ema is not None:
@@ -282,24 +290,72 @@ def _checkpoint(job, rank, step, best, model, ema, optimizer, scheduler, record,
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def run_training(job: TrainJob):
-    """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.datasets import open_pairs
-    from pipeline.raycluster import connect, user_error
-    from pipeline.storage import pyarrow_filesystem
-
-    # Fail fast on the driver, before any worker starts: sources are opened lazily (names only).
+def model_config(job: TrainJob) -> PANConfig:
+    """The PAN a run trains: the shape of ``init_weights`` (loading them checks them), else the
+    paper's at ``job.scale``."""
     if job.init_weights:
         from pipeline.weights import load_pretrained
 
-        load_pretrained(job.init_weights, scale=job.scale)
+        return load_pretrained(job.init_weights, scale=job.scale, storage_options=job.storage_options).config
+    return PANConfig(scale=job.scale)
+
+
+def _describe(config: dict[str, Any]) -> str:
+    shape = ", ".join(f"{k}={v}" for k, v in config.items() if k != "scale")
+    return f"x{config.get('scale')} ({shape})"
+
+
+def claim_run(job: TrainJob, config: PANConfig) -> None:
+    """Record the model a run trains (``run.json``); refuse a resume (a run with a checkpoint)
+    that would train another, naming both: its checkpoints, metrics and exports would mix two
+    models."""
+    location = join(job.run_dir, RUN_FILE)
+    try:
+        recorded = json.loads(read_bytes(location, job.storage_options)).get("model", {})
+    except FileNotFoundError:
+        recorded = None
+    except (ValueError, AttributeError) as exc:
+        raise SettingsError(
+            f"{location} is damaged ({exc}); restore it or start a run of another name"
+        ) from exc
+    if recorded == config.to_dict():
+        return
+    resumable = any(f.startswith("checkpoint_") for f in list_files(job.run_dir, job.storage_options))
+    if recorded is not None and resumable:
+        raise SettingsError(
+            f"run {job.run_dir} trains PAN {_describe(recorded)}, but this resume asks for "
+            f"{_describe(config.to_dict())}; resume it with its own settings, or give a new --name"
+        )
+    # A new run, or one that never reached a checkpoint: this run's model is the run's.
+    write_bytes(
+        location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode(), job.storage_options
+    )
+
+
+def run_training(job: TrainJob):
+    """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result.
+
+    Fails fast on the driver, before Ray starts: the data sources open (names only, nothing
+    decoded), the weights load, the storage takes a write, and a resume trains the same model.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.datasets import open_pairs
+    from pipeline.raycluster import connect, user_error, verbose
+    from pipeline.storage import pyarrow_filesystem
+
     open_pairs(job.data, job.scale, lr_source=job.lr_data)
     if job.val_data:
         open_pairs(job.val_data, job.scale)
+    config = model_config(job)
+    check_writable(job.storage, job.storage_options)
+    claim_run(job, config)
+    # Ray Train copies each print of a worker to the logs as well, which showed every step twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     connect(job.address)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
@@ -315,6 +371,7 @@ def run_training(job: TrainJob):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
         ),
     )
     try:

@@ -3,39 +3,50 @@ encode (CPU tasks) -> write (PNG tree, Parquet, errors table) -> summary.
 
 The GPU actors only run tensors; decoding and encoding happen in CPU tasks around them. Outputs
 are named from input keys, so a re-run skips what exists and a killed run resumes. Every input ends
-as exactly one of succeeded, failed (a row in ``DEST/_errors``) or skipped.
+as exactly one of succeeded, failed (a row in ``DEST/_errors``) or skipped, and has exactly one
+output in each sink it is written to.
+
+Before Ray starts, ``preflight`` checks what a user can get wrong, in seconds: the destination is
+not the source, inside it or around it (the inputs are read-only to us); the source lists; the
+weights load at the scale; the destination takes a write and is ours, made with these settings
+(``sinks.claim_dest``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline import sinks
-from pipeline.errors import InvalidImageError, PipelineError
+from pipeline.errors import DestinationError, InvalidImageError, PipelineError
 from pipeline.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image
-from pipeline.jobspec import JobSpec
-from pipeline.raycluster import actor_device, actor_pool, connect, user_error
-from pipeline.sources import InputUnit, list_inputs, read_unit
+from pipeline.jobspec import JobSpec, Location, Source
+from pipeline.raycluster import actor_device, actor_pool, connect, data_context, user_error
+from pipeline.sources import COLLISION, InputUnit, collision_message, list_inputs, missing_sinks, read_unit
+from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
+from pipeline.tiling import check_tile
 
 
 class UpscaleJob(JobSpec):
     """Every setting of an upscaling run; the one place their defaults live."""
 
-    source: str
-    dest: str
+    source: Location
+    dest: Location
     scale: Literal[2, 3, 4]
-    weights: str | None = None  # None: the default hub weights (eugenesiow/pan)
+    weights: Source | None = None  # None: the default hub weights (eugenesiow/pan)
     format: Literal["png", "parquet", "both"] = "png"
     image_column: str = "image"  # for Parquet shards
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    overwrite: bool = False
+    overwrite: bool = False  # redo every input, replacing our outputs (never files we did not write)
+    dest_inside_source: bool = False  # allow DEST under SOURCE; DEST's files are then not inputs
     max_error_fraction: float | None = Field(default=None, ge=0, le=1)
     device: str = "auto"  # where actors compute: auto (their GPU if given one), cpu, cuda
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -46,6 +57,15 @@ class UpscaleJob(JobSpec):
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib 1: 4.5x faster than 6, files 14 % larger
     address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_in_range(cls, tile: int | None) -> int | None:
+        return tile if tile is None else check_tile(tile)
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        return sinks.SINKS[self.format]
 
 
 # -- stages (each runs in Ray tasks/actors on batches: dict of column -> numpy array) ---------------
@@ -61,20 +81,23 @@ def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def _status(row: dict[str, Any]) -> str:
-    return "skipped" if row["skipped"] else "failed" if row["error_type"] else "succeeded"
+    return "failed" if row["error_type"] else "succeeded" if row["sinks"] else "skipped"
 
 
 def _fail(row: dict[str, Any], exc: BaseException) -> None:
     row.update(error_type=type(exc).__name__, error=str(exc), image=None, data=b"")
 
 
-def read_stage(batch: dict[str, np.ndarray], image_column: str, storage_options: dict[str, Any]) -> dict:
+def read_stage(
+    batch: dict[str, np.ndarray], sinks: tuple[str, ...], image_column: str, storage_options: dict[str, Any]
+) -> dict:
     out = []
     for unit in _rows(batch):
-        unit_obj = InputUnit(unit["url"], unit["rel"], unit["kind"], frozenset(unit["done"]))
-        for r in read_unit(unit_obj, image_column, storage_options):
+        written = {s: frozenset(names) for s, names in json.loads(unit["written"]).items()}
+        unit_obj = InputUnit(unit["url"], unit["rel"], unit["kind"], written)
+        for r in read_unit(unit_obj, sinks, image_column, storage_options):
             out.append(
-                {"key": r.key, "name": r.name, "data": r.data or b"", "skipped": r.skipped,
+                {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
                  "error_type": r.error_type, "error": r.error, "image": None, "seconds": 0.0,
                  "input_width": 0, "input_height": 0, "input_mode": "", "output_width": 0, "output_height": 0}
             )  # fmt: skip
@@ -84,7 +107,7 @@ def read_stage(batch: dict[str, np.ndarray], image_column: str, storage_options:
 def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
     rows = _rows(batch)
     for row in rows:
-        if row["skipped"] or row["error_type"]:
+        if not row["sinks"] or row["error_type"]:
             continue
         start = time.perf_counter()
         try:
@@ -144,24 +167,28 @@ def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int) -> dict:
 
 
 def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, weights_sha256: str) -> dict:
+    """Write each finished row to the sinks it still lacks; errors to the errors table. A sink that
+    cannot be written raises ``StorageError``, which ends the run with one line."""
     rows = _rows(batch)
-    done = [r for r in rows if not r["skipped"] and not r["error_type"]]
+    done = [r for r in rows if r["sinks"] and not r["error_type"]]
     for row in done:
-        if sinks.wants_png(job.format):
+        if "png" in row["sinks"].split(","):
             sinks.write_png(job.dest, row["name"], row["data"], job.storage_options)
-    if done and sinks.wants_parquet(job.format):
-        records = [
-            {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
-                                  "output_width", "output_height", "seconds")},
-             "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"]}
-            for r in done
-        ]  # fmt: skip
+    records = [
+        {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
+                              "output_width", "output_height", "seconds")},
+         "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"]}
+        for r in done if "parquet" in r["sinks"].split(",")
+    ]  # fmt: skip
+    if records:
         sinks.write_parquet_part(job.dest, records, job.storage_options)
     for row in rows:
         if row["error_type"]:
             sinks.write_error(
                 job.dest, row["key"], row["name"], row["error_type"], row["error"], job.storage_options
             )
+            if job.overwrite and "png" in job.sinks:  # no output made now: none of the old settings stays
+                remove(join(job.dest, row["name"]), job.storage_options)
     return _batch(
         [
             {"key": r["key"], "status": _status(r), "input_pixels": r["input_width"] * r["input_height"],
@@ -182,28 +209,83 @@ def _weights_identity(job: UpscaleJob) -> tuple[str, str]:
     return info.id, info.sha256
 
 
-def plan(job: UpscaleJob) -> tuple[list[InputUnit], list[tuple[str, str]], int]:
-    """(units to read, name collisions as (key, name), count of inputs skipped as done)."""
-    units = list_inputs(job.source, job.storage_options)
-    done = set() if job.overwrite else sinks.existing_outputs(job.dest, job.format, job.storage_options)
-    names = Counter(u.name for u in units if u.kind == "image")
+def check_locations(job: UpscaleJob) -> str | None:
+    """Refuse a destination that is the source, lies inside it (unless ``dest_inside_source``) or
+    holds it: outputs would replace inputs or be read back as inputs. Returns the destination's
+    path relative to the source when it lies inside it (to leave out of the inputs), else None."""
+    if is_within(job.source, job.dest):
+        what = "is" if is_within(job.dest, job.source) else "holds"
+        raise DestinationError(
+            f"the destination {job.dest} {what} the source {job.source}: outputs could replace inputs; "
+            "choose a destination outside the source"
+        )
+    if not is_within(job.dest, job.source):
+        return None
+    if not job.dest_inside_source:
+        raise DestinationError(
+            f"the destination {job.dest} lies inside the source {job.source}, so its outputs would be read "
+            "as inputs by the next run; choose a destination outside the source, or pass "
+            "--dest-inside-source to leave the destination's files out of the inputs"
+        )
+    return posixpath.relpath(location_key(job.dest)[1], location_key(job.source)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    """What the checks before a run established."""
+
+    record: sinks.DestinationRecord  # the destination's record, as claimed for this run
+    exclude: str | None  # the destination, relative to the source, when it lies inside it
+
+
+def preflight(job: UpscaleJob) -> Preflight:
+    """Every check that needs no Ray, cheapest first; raises the ``PipelineError`` that names the
+    problem (see the module docstring). Claims the destination when all pass."""
+    exclude = check_locations(job)
+    if not check_listable(job.source, job.storage_options):
+        raise PipelineError(f"source not found: {job.source}")
+    weights_id, weights_sha256 = _weights_identity(job)
+    check_writable(job.dest, job.storage_options)
+    run = sinks.DestinationRecord(job.scale, weights_id, weights_sha256)
+    record = sinks.claim_dest(job.dest, run, overwrite=job.overwrite, storage_options=job.storage_options)
+    return Preflight(record, exclude)
+
+
+def plan(job: UpscaleJob, exclude: str | None = None) -> tuple[list[InputUnit], list[tuple[str, str]], int]:
+    """(units to read, name collisions as (key, name), count of inputs skipped as done).
+
+    An input is done when every sink of the job holds its output; a unit to read carries, per
+    sink, its outputs already written (``InputUnit.written``), so nothing is written twice.
+    """
+    units = list_inputs(job.source, job.storage_options, exclude=exclude)
+    wanted = job.sinks
+    written = {} if job.overwrite else sinks.existing_outputs(job.dest, wanted, job.storage_options)
+    # Output names are taken in path order: by an image, or by a shard for all names under its
+    # prefix (``a.tar`` holds ``a/...``); a later input that would reuse one is a collision.
+    shard_prefixes: dict[str, str] = {}
+    for unit in units:
+        if unit.kind != "image":
+            shard_prefixes.setdefault(unit.member_prefix, unit.rel)
     todo, collisions, skipped = [], [], 0
     seen: set[str] = set()
     for unit in units:
+        if unit.kind != "image" and shard_prefixes[unit.member_prefix] != unit.rel:
+            collisions.append((unit.rel, unit.member_prefix))
+            continue
         if unit.kind == "image":
-            if names[unit.name] > 1 and unit.name in seen:
+            if unit.name in seen or any(unit.name.startswith(p) for p in shard_prefixes):
                 collisions.append((unit.rel, unit.name))
                 continue
             seen.add(unit.name)
-            if unit.name in done:
+            if not missing_sinks(unit.name, wanted, written):
                 skipped += 1
                 continue
-            todo.append(unit)
+            mine = {s: frozenset({unit.name}) for s in wanted if unit.name in written.get(s, ())}
+            todo.append(dataclasses.replace(unit, written=mine))
         else:
             prefix = unit.member_prefix
-            todo.append(
-                InputUnit(unit.url, unit.rel, unit.kind, frozenset(n for n in done if n.startswith(prefix)))
-            )
+            mine = {s: frozenset(n for n in written.get(s, ()) if n.startswith(prefix)) for s in wanted}
+            todo.append(dataclasses.replace(unit, written=mine))
     return todo, collisions, skipped
 
 
@@ -243,14 +325,18 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
     """The lazy Ray Dataset: read -> decode -> PAN actors -> encode -> write, one status row per input."""
     import ray.data
 
-    items = [{"url": u.url, "rel": u.rel, "kind": u.kind, "done": sorted(u.done)} for u in todo]
+    items = [
+        {"url": u.url, "rel": u.rel, "kind": u.kind,
+         "written": json.dumps({s: sorted(names) for s, names in u.written.items()})}
+        for u in todo
+    ]  # fmt: skip
     pool = model_pool(job, len(todo))
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
-    read_args = {"image_column": job.image_column, "storage_options": job.storage_options}
+    read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
     write_args = {"job": job, "weights_id": weights_id, "weights_sha256": weights_sha256}
     return (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
-        .map_batches(read_stage, batch_size=8, fn_kwargs=read_args)
+        .map_batches(read_stage, batch_size=None, fn_kwargs=read_args)  # a read task: one block
         .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
         .map_batches(
             UpscaleActor,
@@ -265,26 +351,34 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
     )
 
 
-def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None = None) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``DEST/_summary.json``)."""
-    import ray.data
+ProgressCallback = Callable[[Counter, int, "int | None"], None]
+
+
+def run_upscale(job: UpscaleJob, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Run the job; returns the summary (also written to ``DEST/_summary.json``).
+
+    ``on_progress(counts, output_pixels, total)``: after each finished batch, the inputs by status
+    (succeeded, failed, skipped), the output pixels so far and the number of inputs (None when
+    shards hold an unknown number).
+    """
 
     started = time.perf_counter()
-    todo, collisions, skipped = plan(job)
-    with ThreadPoolExecutor(max_workers=1) as side:
-        identity = side.submit(_weights_identity, job)  # torch import + load, while Ray starts
-        if todo:
-            connect(job.address, dashboard=False)
-        weights_id, weights_sha256 = identity.result()
-    sinks.prepare_dest(job.dest, job.format, overwrite=job.overwrite, storage_options=job.storage_options)
-    for key, name in collisions:
-        message = f"{key}: its output name {name} is taken by another input; rename one of them"
-        sinks.write_error(job.dest, key, name, "OutputNameCollision", message, job.storage_options)
-    counts = Counter(skipped=skipped, failed=len(collisions))
-    pixels = Counter()
+    checked = preflight(job)
+    todo, collisions, skipped = plan(job, checked.exclude)
     if todo:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = build_dataset(job, todo, weights_id, weights_sha256)
+        connect(job.address)
+    sinks.prepare_dest(job.dest, job.sinks, overwrite=job.overwrite, storage_options=job.storage_options)
+    for key, name in collisions:
+        sinks.write_error(job.dest, key, name, COLLISION, collision_message(key, name), job.storage_options)
+    counts = Counter(succeeded=0, failed=len(collisions), skipped=skipped)
+    pixels = Counter()
+    total = None if any(u.kind != "image" for u in todo) else skipped + len(collisions) + len(todo)
+    if on_progress:
+        on_progress(counts, 0, total)
+    if todo:
+        data_context()
+        weights = checked.record
+        ds = build_dataset(job, todo, weights.weights_id, weights.weights_sha256)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 counts.update(batch["status"].tolist())
@@ -292,7 +386,7 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
                     input=int(batch["input_pixels"].sum()), output=int(batch["output_pixels"].sum())
                 )
                 if on_progress:
-                    on_progress(counts)
+                    on_progress(counts, pixels["output"], total)
         except Exception as exc:  # a task or actor failed: surface the user's error, if it is one
             raise (user_error(exc) or exc) from None
     seconds = time.perf_counter() - started
@@ -307,6 +401,7 @@ def run_upscale(job: UpscaleJob, on_progress: Callable[[Counter], None] | None =
         "output_megapixels_per_second": pixels["output"] / 1e6 / seconds if seconds else 0.0,
     }
     sinks.write_summary(job.dest, summary, job.storage_options)
+    sinks.finish_dest(job.dest, checked.record, job.storage_options)
     return summary
 
 

@@ -1,8 +1,14 @@
+import hashlib
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -139,3 +145,149 @@ def test_user_errors_are_one_line(capsys, tmp_path, weights_dir):
 def test_weights_table(capsys):
     assert main(["weights"]) == 0
     assert "PANx2_DF2K" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Every mistake a user can make ends in one line on stderr and exit 2, in seconds, before any
+# image is computed; inputs are never written over. Each case runs `pan` as a user would.
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _pan(argv: list[str], cwd: Path, env: dict | None = None, timeout: float = 120) -> tuple[int, str, float]:
+    started = time.perf_counter()
+    run = subprocess.run([PAN_BIN, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return run.returncode, run.stderr, time.perf_counter() - started
+
+
+def _assert_user_error(argv, cwd, *, expect: str, env=None, within: float = 20.0) -> str:
+    code, err, seconds = _pan(argv, cwd, env)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("pan: error: "), err
+    assert expect in lines[0], lines[0]
+    assert seconds < within, f"{seconds:.1f} s to fail"
+    return lines[0]
+
+
+@pytest.fixture
+def workdir(benchmarks_dir, weights_dir, tmp_path):
+    """A user's folder: photos/ (5 LR images) and the x4 and x2 weights, used by relative paths."""
+    (tmp_path / "photos").mkdir()
+    for p in sorted((benchmarks_dir / "Set5/LR_bicubic/X4").glob("*.png")):
+        shutil.copy(p, tmp_path / "photos" / p.name)
+    for s in (2, 4):
+        shutil.copy(weights_dir / f"PANx{s}_DF2K.pth", tmp_path / f"x{s}.pth")
+    return tmp_path
+
+
+W4 = ["--scale", "4", "--weights", "x4.pth"]
+USER_ERRORS = {
+    # inputs are read-only to us
+    "dest is the source": (["upscale", "photos", "photos", *W4, "--overwrite"], "is the source"),
+    "dest is the source (trailing slash)": (["upscale", "photos/", "./photos", *W4], "is the source"),
+    "dest inside the source": (["upscale", "photos", "photos/x4", *W4], "--dest-inside-source"),
+    "source inside the dest": (["upscale", "photos", ".", *W4], "holds the source"),
+    "upscale-image onto its input": (["upscale-image", "photos/babyx4.png", "photos/babyx4.png", *W4],
+                                     "is also an input"),
+    "compare onto its input": (["compare", "photos/babyx4.png", "photos/babyx4.png", *W4],
+                               "is also an input"),
+    # settings in range
+    "negative tile": (["upscale-image", "photos/babyx4.png", "o.png", *W4, "--tile", "-5"], "tile -5"),
+    "tile of 1 px": (["upscale-image", "photos/babyx4.png", "o.png", *W4, "--tile", "1"], "at least 32"),
+    "tile of 1 px, batch": (["upscale", "photos", "out", *W4, "--tile", "1"], "at least 32"),
+    "tile of 1 px, eval": (["eval", "--data", "photos", "--scale", "4", "--weights", "x4.pth", "--tile", "1"],
+                           "at least 32"),
+    "no actors": (["upscale", "photos", "out", *W4, "--actors", "0"], "actors"),
+    "bad scale": (["upscale", "photos", "out", "--scale", "5"], "invalid choice"),
+    "bad JSON": (["upscale", "photos", "out", *W4, "--storage-options", "{"], "not JSON"),
+    "unknown key in a spec": (["upscale", "photos", "out", "--config", "spec.yaml"], "spec.yaml"),
+    # what is read
+    "missing source": (["upscale", "nope", "out", *W4], "source not found"),
+    "missing input image": (["upscale-image", "nope.png", "o.png", *W4], "No such file"),
+    "mistyped weights path": (["upscale", "photos", "out", "--scale", "4", "--weights", "weights/x4.pth"],
+                              "no such file or folder"),
+    "weights of another scale": (["upscale", "photos", "out", "--scale", "2", "--weights", "x4.pth"],
+                                 "x4 weights but scale 2"),
+    "mistyped training data": (["train", "--data", "../shared/train/BSDS20", "--scale", "2", "--name", "t"],
+                               "no such file or folder"),
+    "mistyped eval data": (["eval", "--data", "benchmarks/Set55", "--scale", "4", "--weights", "x4.pth"],
+                           "no such file or folder"),
+    # where it is written
+    "dest is a file": (["upscale", "photos", "photos/babyx4.png/out", *W4], "inside the source"),
+    "dest under a file": (["upscale", "photos", "afile/out", *W4], "a file, not a folder"),
+    "report under a file": (["eval", "--data", "photos", "--scale", "4", "--weights", "x4.pth",
+                             "--report", "afile/r.json"], "a file, not a folder"),
+}  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_are_one_line_exit_2_and_fast(workdir, case):
+    argv, expect = USER_ERRORS[case]
+    (workdir / "afile").write_text("a file")
+    (workdir / "spec.yaml").write_text("scale: 4\nwieghts: x4.pth\n")
+    before = _checksums(workdir)
+    _assert_user_error(argv, workdir, expect=expect)
+    assert _checksums(workdir) == before  # nothing written over, nothing computed
+    assert not (workdir / "out").exists() and not (workdir / "photos/x4").exists()
+
+
+@pytest.mark.integration
+def test_hub_weights_offline_fail_in_seconds_naming_weights(workdir):
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    line = _assert_user_error(
+        ["upscale", "photos", "out", "--scale", "2"], workdir, expect="--weights", env=env
+    )
+    assert "eugenesiow/pan" in line and "cannot be reached" in line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_storage_failures_are_one_line_before_any_work(workdir, s3_server):
+    boto3.client("s3").create_bucket(Bucket="photos")
+    _assert_user_error(
+        ["upscale", "photos", "s3://no-such-bucket/out", *W4], workdir, expect="no-such-bucket"
+    )
+    down = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
+    _assert_user_error(
+        ["upscale", "photos", "s3://photos/out", *W4], workdir, expect="cannot reach", env=down
+    )
+    _assert_user_error(["upscale", "s3://photos/in", "out", *W4], workdir, expect="cannot reach", env=down)
+    no_credentials = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS_KEY")}
+    no_credentials["AWS_SHARED_CREDENTIALS_FILE"] = str(workdir / "none")
+    _assert_user_error(
+        ["upscale", "photos", "s3://photos/out", *W4], workdir, expect="credentials", env=no_credentials
+    )
+    assert not (workdir / "out").exists()
+
+
+def _in_a_small_mount(argv: list[str], cwd: Path, mount: Path, options: str) -> tuple[int, str]:
+    """Run ``pan`` with a tmpfs of ``options`` at ``mount``, in private namespaces (unprivileged)."""
+    mount.mkdir(exist_ok=True)
+    script = f"mount -t tmpfs -o {options} tmpfs {mount} && exec {PAN_BIN} " + " ".join(argv)
+    run = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=cwd, capture_output=True, text=True)
+    if "mount" in run.stderr and ("not permitted" in run.stderr or "unshare" in run.stderr):
+        pytest.skip(f"no private mounts here: {run.stderr.strip()}")
+    return run.returncode, run.stderr
+
+
+@pytest.mark.integration
+def test_read_only_dest_is_one_line_before_any_work(workdir):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private read-only mount")
+    code, err = _in_a_small_mount(["upscale", "photos", "ro/out", *W4], workdir, workdir / "ro", "ro,size=1m")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "read-only" in err

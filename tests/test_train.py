@@ -2,9 +2,14 @@
 
 import json
 import os
+import re
+import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -19,6 +24,8 @@ from pipeline.train import TrainJob, run_training
 from pipeline.weights import load_pretrained
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+PAN_BIN = str(Path(sys.executable).with_name("pan"))
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,34 @@ def test_short_run_then_resume_without_repeating_a_step(local_ray, bsds, benchma
     assert main([*argv, "--max-steps", "9"]) == 0
     assert _steps(run) == list(range(1, 10))
     assert "step 9" in capsys.readouterr().out
+
+    # A resume at another scale would train another model into the same run: refused, naming both.
+    exported = (run / "export/config.json").read_text()
+    x3 = [a if a != "2" else "3" for a in argv]
+    assert main([*x3, "--max-steps", "12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pan: error: run ") and "trains PAN x2" in err and "asks for x3" in err, err
+    assert _steps(run) == list(range(1, 10)) and (run / "export/config.json").read_text() == exported
+
+
+def test_the_readme_example_runs_as_written_from_the_checkout(shared_dir, tmp_path):
+    """The README's `pan train` command, with its relative paths, from a checkout beside ../shared;
+    run again, it resumes and has nothing left to do."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"^pan train (.+?[^\\])$", readme, flags=re.M | re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "), comments=True)
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (tmp_path / "shared").symlink_to(shared_dir)
+    for _ in range(2):
+        run = subprocess.run([PAN_BIN, "train", *argv], cwd=checkout, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.strip() == "", run.stderr  # Ray's own chatter stays hidden
+    name = argv[argv.index("--name") + 1]
+    steps = _steps(checkout / "runs" / name)
+    assert steps == list(range(1, int(argv[argv.index("--max-steps") + 1]) + 1))
+    lines = [line for line in run.stdout.splitlines() if "step " in line and "/" in line]
+    assert len(lines) == len(set(lines))  # each step printed once
 
 
 def _kill_one_train_worker() -> bool:

@@ -1,5 +1,6 @@
 """The batch job end to end on a real local Ray, local folders and a loopback S3 server."""
 
+import hashlib
 import io
 import json
 import shutil
@@ -10,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
 from pipeline.storage import list_files
 from pipeline.upscale import UpscaleJob, model_pool, run_upscale
@@ -168,3 +171,125 @@ def test_cpu_cluster_gets_one_single_threaded_model_actor_per_cpu(local_ray):
     # fewer actors than CPUs (asked for, or one input): each computes on its share of the cores
     assert model_pool(job, 1) == {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 2}
     assert model_pool(job.model_copy(update={"actors": 1}), 100)["threads"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Data safety: one output per input in each sink, whatever the sequence of runs; inputs untouched.
+
+
+def _checksums(folder) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def five(benchmarks_dir, tmp_path):
+    """Set5 X4 LR in two folders plus one corrupt file: 6 inputs, 5 good."""
+    root = tmp_path / "five"
+    for i, p in enumerate(sorted((benchmarks_dir / "Set5/LR_bicubic/X4").glob("*.png"))):
+        (root / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / f"d{i % 2}" / p.name)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+def _parquet_names(dest) -> list[str]:
+    if not (dest / "parquet").exists():
+        return []
+    return pq.read_table(dest / "parquet", columns=["name"]).column("name").to_pylist()
+
+
+def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, weights_dir, tmp_path):
+    weights, dest = str(weights_dir / "PANx4_DF2K.pth"), tmp_path / "out"
+    good = sorted(p.relative_to(five).as_posix() for p in five.rglob("*.png") if p.name != "broken.png")
+    before = _checksums(five)
+    # (format, expected succeeded): an input counts as skipped only when every sink holds it
+    for fmt, succeeded in [("parquet", 5), ("both", 5), ("png", 0), ("both", 0), ("parquet", 0)]:
+        summary = run_upscale(
+            UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format=fmt)
+        )
+        assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (
+            succeeded,
+            1,
+            5 - succeeded,
+        ), fmt
+        names = _parquet_names(dest)
+        assert sorted(names) == good, fmt  # every image once in Parquet, never twice
+        pngs = sorted(f for f in list_files(str(dest)) if f.endswith(".png") and not f.startswith("parquet/"))
+        assert pngs == (good if fmt != "parquet" or summary["skipped"] else []), fmt
+    assert _checksums(five) == before
+
+
+def test_half_done_inputs_are_finished_in_the_sink_that_lacks_them(local_ray, five, weights_dir, tmp_path):
+    weights, dest = str(weights_dir / "PANx4_DF2K.pth"), tmp_path / "out"
+    job = UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format="both")
+    run_upscale(job)
+    (dest / "d0/babyx4.png").unlink()  # as if killed between its two writes
+    rows = len(_parquet_names(dest))
+    summary = run_upscale(job)
+    assert (summary["succeeded"], summary["skipped"]) == (1, 4)
+    assert (dest / "d0/babyx4.png").exists() and len(_parquet_names(dest)) == rows
+
+
+def test_dest_inside_source_only_when_asked_and_never_read_back(local_ray, five, weights_dir):
+    weights = str(weights_dir / "PANx4_DF2K.pth")
+    job = UpscaleJob(source=str(five), dest=str(five / "x4"), scale=4, weights=weights)
+    with pytest.raises(DestinationError, match="--dest-inside-source"):
+        run_upscale(job)
+    assert not (five / "x4").exists()
+    job = job.model_copy(update={"dest_inside_source": True})
+    first = run_upscale(job)
+    second = run_upscale(job)
+    assert (first["succeeded"], first["inputs"]) == (5, 6)
+    assert (second["succeeded"], second["skipped"], second["inputs"]) == (0, 5, 6)  # no upscales of upscales
+    assert not any(p.name.startswith("x4") for p in (five / "x4").iterdir() if p.is_dir())
+
+
+def test_dest_made_with_other_weights_is_refused_unless_overwrite(local_ray, five, weights_dir, tmp_path):
+    official = weights_dir / "PANx2_DF2K.pth"
+    tuned = tmp_path / "tuned_x2.pth"  # same architecture, other numbers: another sha256
+    state = torch.load(official, weights_only=True)
+    state["conv_last.bias"] = state["conv_last.bias"] + 0.01
+    torch.save(state, tuned)
+    dest = tmp_path / "out"
+    job = UpscaleJob(source=str(five), dest=str(dest), scale=2, weights=str(official))
+    assert run_upscale(job)["succeeded"] == 5
+    made = _checksums(dest)
+    other = job.model_copy(update={"weights": str(tuned)})
+    with pytest.raises(DestinationError, match=r"PANx2_DF2K.*tuned_x2\.pth.*--overwrite"):
+        run_upscale(other)
+    with pytest.raises(DestinationError, match=r"x2 with weights PANx2_DF2K.*this run is x3"):
+        run_upscale(
+            UpscaleJob(source=str(five), dest=str(dest), scale=3, weights=str(weights_dir / "PANx3_DF2K.pth"))
+        )
+    assert _checksums(dest) == made
+
+    # An --overwrite that is killed half-way leaves a record that says so: only --overwrite goes on.
+    record = json.loads((dest / "_pan.json").read_text())
+    replacing = {**record, "weights_id": str(tuned), "replacing": {"scale": 2, "weights_id": "PANx2_DF2K"}}
+    (dest / "_pan.json").write_text(json.dumps(replacing))
+    with pytest.raises(DestinationError, match="did not finish"):
+        run_upscale(other)
+    summary = run_upscale(other.model_copy(update={"overwrite": True}))
+    assert summary["succeeded"] == 5 and summary["skipped"] == 0
+    record = json.loads((dest / "_pan.json").read_text())
+    assert record["weights_id"] == str(tuned) and record["replacing"] is None
+    assert run_upscale(other)["skipped"] == 5
+
+
+def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir, tmp_path):
+    dest = tmp_path / "theirs"
+    (dest / "d0").mkdir(parents=True)
+    (dest / "d0/babyx4.png").write_bytes(b"the user's own picture")
+    (dest / ".DS_Store").write_bytes(b"hidden files do not count")
+    job = UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=str(weights_dir / "PANx4_DF2K.pth"))
+    for attempt in (job, job.model_copy(update={"overwrite": True})):
+        with pytest.raises(DestinationError, match="files that pan did not write"):
+            run_upscale(attempt)
+    assert (dest / "d0/babyx4.png").read_bytes() == b"the user's own picture"
+    assert not (dest / "_pan.json").exists()
+    (dest / "d0/babyx4.png").unlink()
+    assert run_upscale(job)["succeeded"] == 5  # an empty folder (hidden files aside) is fine

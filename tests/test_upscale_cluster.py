@@ -9,9 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.errors import DeviceError
+from pipeline.raycluster import WATCHDOG_MARK
 from pipeline.storage import list_files
 from pipeline.upscale import UpscaleJob, model_pool, run_upscale
 
@@ -34,25 +36,48 @@ def _outputs(dest: Path) -> list[str]:
     return [f for f in list_files(str(dest)) if not f.startswith("_")]
 
 
-def test_killed_driver_resumes_with_each_output_once(many_inputs, weights_dir, tmp_path):
-    dest = tmp_path / "out"
-    argv = [
-        PAN_BIN,
-        "upscale",
-        str(many_inputs),
-        str(dest),
-        "--scale",
-        "2",
-        "--weights",
-        str(weights_dir / "PANx2_DF2K.pth"),
-    ]
-    run = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _ray_processes_of(driver_pid: int) -> list[str]:
+    """Processes carrying the mark the driver's embedded Ray gives every process it starts."""
+    found = []
+    for proc in psutil.process_iter(["pid", "environ", "cmdline"]):
+        try:
+            mark = (proc.info["environ"] or {}).get(WATCHDOG_MARK, "")
+        except psutil.Error:
+            continue
+        if mark.startswith(f"{driver_pid}-") and proc.info["pid"] != driver_pid:
+            found.append(" ".join(proc.info["cmdline"] or [])[:60])
+    return found
+
+
+def _start_and_wait_for_outputs(argv: list[str], dest: Path, outputs: int) -> subprocess.Popen:
+    run = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and len(_outputs(dest)) < 5:
-        assert run.poll() is None, "the run ended before it could be killed"
+    while time.time() < deadline and len(_outputs(dest)) < outputs:
+        assert run.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)  # the driver and the Ray it started
-    run.wait()
+    return run
+
+
+def _gone_within(driver_pid: int, seconds: float) -> list[str]:
+    deadline = time.time() + seconds
+    while time.time() < deadline and _ray_processes_of(driver_pid):
+        time.sleep(0.25)
+    return _ray_processes_of(driver_pid)
+
+
+def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
+    many_inputs, weights_dir, tmp_path
+):
+    dest = tmp_path / "out"
+    argv = [PAN_BIN, "upscale", str(many_inputs), str(dest), "--scale", "2"]
+    argv += ["--weights", str(weights_dir / "PANx2_DF2K.pth")]
+    run = _start_and_wait_for_outputs(argv, dest, 5)
+    assert _ray_processes_of(run.pid)  # the embedded Ray is up
+    os.kill(run.pid, signal.SIGKILL)  # the driver alone: what it started must not outlive it
+    run.communicate()
+    assert _gone_within(run.pid, 8) == []
     partial = len(_outputs(dest))
     inputs = len(list(many_inputs.rglob("*.png")))
     assert 5 <= partial < inputs
@@ -63,6 +88,19 @@ def test_killed_driver_resumes_with_each_output_once(many_inputs, weights_dir, t
     assert len(outputs) == len(set(outputs)) == inputs
     assert all(f.endswith(".png") and not Path(f).name.startswith(".") for f in outputs)
     assert "0 failed" in again.stdout and f"{inputs} inputs" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_sigterm_and_ctrl_c_shut_ray_down(many_inputs, weights_dir, tmp_path, signum, code, said):
+    dest = tmp_path / "out"
+    argv = [PAN_BIN, "upscale", str(many_inputs), str(dest), "--scale", "2"]
+    run = _start_and_wait_for_outputs([*argv, "--weights", str(weights_dir / "PANx2_DF2K.pth")], dest, 2)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code and err.strip().splitlines()[-1] == f"pan: {said}", err
+    assert _gone_within(run.pid, 8) == []
 
 
 def test_losing_a_node_mid_run_still_gives_every_output(many_inputs, weights_dir, tmp_path):

@@ -37,6 +37,15 @@ def test_plan_skips_done_and_reports_name_collisions(tmp_path):
     todo, collisions, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
     assert [u.rel for u in todo] == ["a.jpg", "b.png"]
     assert collisions == [("a.png", "a.png")] and skipped == 1
+    # a shard takes every name under its prefix: a second shard or an image there collides
+    (src / "s").mkdir()
+    for name in ["s.tar", "s.parquet", "s/d.png"]:
+        (src / name).write_bytes(b"x")
+    todo, collisions, _ = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
+    assert [u.rel for u in todo] == ["a.jpg", "b.png", "s.parquet"]
+    assert collisions == [("a.png", "a.png"), ("s.tar", "s/"), ("s/d.png", "s/d.png")]
+    for name in ["s.tar", "s.parquet", "s/d.png"]:
+        (src / name).unlink()
     todo, _, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2, overwrite=True))
     assert skipped == 0 and "sub/c.webp" in [u.rel for u in todo]
 
