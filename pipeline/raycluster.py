@@ -140,11 +140,12 @@ def setup_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
     )
-    try:  # this logger is named after its file
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # This logger is named after its file; found without importing Ray Train (0.7 s of CPU in
+    # every worker, most of which never train).
+    context = os.path.join(
+        os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"
+    )
+    logging.getLogger(context).setLevel(logging.WARNING)
 
 
 def data_context() -> None:
