@@ -156,10 +156,12 @@ def data_context() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_fallback_to_arrow_object_ext_type = True
-    if not _state["verbose"]:  # Ray Data logs through a console handler of its own
+    if not _state["verbose"]:
+        # Ray Data logs through a console handler of its own; its ERROR lines repeat the failure
+        # that the command reports itself (one line for a user's error, the traceback for a bug).
         for handler in logging.getLogger("ray.data").handlers:
             if handler.get_name() == "console":
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL)
 
 
 _WATCHDOG = r"""

@@ -291,3 +291,19 @@ def test_read_only_dest_is_one_line_before_any_work(workdir):
     code, err = _in_a_small_mount(["upscale", "photos", "ro/out", *W4], workdir, workdir / "ro", "ro,size=1m")
     assert code == 2 and err.strip().count("\n") == 0, err
     assert "read-only" in err
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_inputs_stay(workdir, benchmarks_dir):
+    """A destination that fills up mid-run (a 600 kB tmpfs): the run stops with one line."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private small mount")
+    for p in sorted((benchmarks_dir / "Set14/LR_bicubic/X2").glob("*.png")):
+        shutil.copy(p, workdir / "photos" / p.name)
+    before = _checksums(workdir / "photos")
+    argv = ["upscale", "photos", "small/out", *W4]
+    code, err = _in_a_small_mount(argv, workdir, workdir / "small", "size=600k")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "no space left" in err
+    assert _checksums(workdir / "photos") == before
