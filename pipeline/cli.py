@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -396,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.raycluster import Terminated, quiet_ray, shutdown_on_exit
 
     args = build_parser().parse_args(argv)
+    # Every command connects explicitly (raycluster.connect): a stray Ray call after the shutdown
+    # must fail, not start a new Ray, dashboard and all, while the command exits.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     logging.basicConfig(format="pan: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     quiet_ray(verbose=args.verbose)
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
 from pipeline.model import SCALES
-from pipeline.raycluster import actor_device, actor_pool, connect, data_context, user_error
+from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
 from pipeline.tiling import check_tile
 
 SCALE_PLACEHOLDER = "{scale}"
@@ -230,14 +230,12 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
         udf_modifying_row_count=False,
     )
     scores: dict[tuple[int, int], dict[str, float]] = {}
-    try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+    with dataset_batches(scored) as batches:
+        for batch in batches:
             for j, key in enumerate(zip(batch["task"].tolist(), batch["index"].tolist(), strict=True)):
                 scores[key] = {k: float(batch[k][j]) for k in _SCORES}
             if on_progress:
                 on_progress(len(scores), total)
-    except Exception as exc:  # a task or actor failed: surface the user's error, if it is one
-        raise (user_error(exc) or exc) from None
     if len(scores) != total:  # a bug, not a user error: never hand back a silently short report
         raise RuntimeError(f"{total} images went in but {len(scores)} scores came back")
     return [

@@ -55,7 +55,10 @@ def verbose() -> bool:
 
 # Lines Ray's C++ core writes straight to file descriptor 2, which no logging setting reaches, and
 # which say nothing a user can act on. Ray Data's actor pools always trip this one.
-_NATIVE_NOISE = (re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments"),)
+_NATIVE_NOISE = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments"),
+    re.compile(rb"task_manager\.cc:\d+: Failed to push error to driver"),  # on Ctrl-C / SIGTERM
+)
 
 
 def _filter_native_stderr() -> None:
@@ -146,6 +149,22 @@ def setup_worker() -> None:
         os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"
     )
     logging.getLogger(context).setLevel(logging.WARNING)
+
+
+@contextmanager
+def dataset_batches(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
+    """``with dataset_batches(ds) as batches: for batch in batches: ...`` (numpy batches as they
+    come). A task or actor that failed because of the user raises that ``PipelineError``; and
+    however the block ends (Ctrl-C and SIGTERM included), Ray Data's executor is shut down then,
+    not when the iterator is garbage-collected after Ray has gone, which started a new Ray (with
+    its dashboard) while the command exited."""
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        yield batches
+    except Exception as exc:
+        raise (user_error(exc) or exc) from None
+    finally:
+        batches.close()
 
 
 def data_context() -> None:

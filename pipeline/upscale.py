@@ -29,7 +29,7 @@ from pipeline import sinks
 from pipeline.errors import DestinationError, InvalidImageError, PipelineError
 from pipeline.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image
 from pipeline.jobspec import JobSpec, Location, Source
-from pipeline.raycluster import actor_device, actor_pool, connect, data_context, user_error
+from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
 from pipeline.sources import COLLISION, InputUnit, collision_message, list_inputs, missing_sinks, read_unit
 from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
 from pipeline.tiling import check_tile
@@ -379,16 +379,14 @@ def run_upscale(job: UpscaleJob, on_progress: ProgressCallback | None = None) ->
         data_context()
         weights = checked.record
         ds = build_dataset(job, todo, weights.weights_id, weights.weights_sha256)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        with dataset_batches(ds) as batches:
+            for batch in batches:
                 counts.update(batch["status"].tolist())
                 pixels.update(
                     input=int(batch["input_pixels"].sum()), output=int(batch["output_pixels"].sum())
                 )
                 if on_progress:
                     on_progress(counts, pixels["output"], total)
-        except Exception as exc:  # a task or actor failed: surface the user's error, if it is one
-            raise (user_error(exc) or exc) from None
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["succeeded"] + counts["failed"] + counts["skipped"],
