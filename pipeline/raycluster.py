@@ -108,18 +108,16 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    verbose = _state["verbose"]
-    if not address:
+    shown = _state["verbose"]
+    embedded: dict[str, Any] = {}
+    if not address:  # its workers inherit this process's environment (AWS_* included)
         _start_watchdog()
-    # Workers of an embedded Ray inherit this process's environment (AWS_* included).
-    local = {}
-    if not address:
-        local["include_dashboard"] = False
-        local["runtime_env"] = {
+        embedded["include_dashboard"] = False
+        embedded["runtime_env"] = {
             "worker_process_setup_hook": "pipeline.raycluster.setup_worker",
-            "env_vars": {QUIET_WORKERS: "0" if verbose else "1"},
+            "env_vars": {QUIET_WORKERS: "0" if shown else "1"},
         }
-    ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, **local)
+    ray.init(address=address, logging_level=logging.INFO if shown else logging.WARNING, **embedded)
     _terminate_on_sigterm()  # Ray's C++ core installs its own SIGTERM handler (a stack dump)
 
 

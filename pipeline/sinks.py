@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DestinationError
-from pipeline.storage import filesystem, join, list_files, read_bytes, remove, storage_error, write_bytes
+from pipeline.storage import filesystem, join, list_files, read_bytes, remove, reported, write_bytes
 
 SINKS = {"png": ("png",), "parquet": ("parquet",), "both": ("png", "parquet")}  # format -> sinks
 PARQUET_DIR = "parquet"
@@ -143,20 +143,19 @@ def _some_visible_files(dest: str, storage_options: dict[str, Any] | None, limit
     paths); the walk stops there, so a big foreign folder costs little."""
     found: list[str] = []
     try:
-        fs, root = filesystem(dest, storage_options)
-        if not fs.exists(root):
-            return []
-        root = root.rstrip("/")
-        for folder, dirs, files in fs.walk(root, topdown=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel = folder[len(root) :].strip("/")
-            found += [f"{rel}/{f}" if rel else f for f in sorted(files) if not f.startswith(".")]
-            if len(found) >= limit:
-                break
-    except FileNotFoundError:
+        with reported(dest, "list", absent_ok=True):
+            fs, root = filesystem(dest, storage_options)
+            if not fs.exists(root):
+                return []
+            root = root.rstrip("/")
+            for folder, dirs, files in fs.walk(root, topdown=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                rel = folder[len(root) :].strip("/")
+                found += [f"{rel}/{f}" if rel else f for f in sorted(files) if not f.startswith(".")]
+                if len(found) >= limit:
+                    break
+    except FileNotFoundError:  # gone while walked: nothing there
         return []
-    except Exception as exc:
-        raise storage_error(exc, dest, "list") from exc
     return found[:limit]
 
 

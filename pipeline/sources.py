@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.imaging import IMAGE_SUFFIXES
-from pipeline.storage import filesystem, join, storage_error
+from pipeline.storage import filesystem, join, reported
 
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
 
@@ -74,7 +74,7 @@ def list_inputs(
     ``exclude``: a folder under ``source`` (relative, posix) whose files are not inputs: a
     destination inside the source.
     """
-    try:
+    with reported(source, "list"):
         fs, root = filesystem(source, storage_options)
         if not fs.exists(root):
             raise PipelineError(f"source not found: {source}")
@@ -85,10 +85,6 @@ def list_inputs(
             return [InputUnit(source, posixpath.basename(root), kind)]
         root = root.rstrip("/")
         paths = sorted(fs.find(root))
-    except PipelineError:
-        raise
-    except Exception as exc:
-        raise storage_error(exc, source, "list") from exc
     units = []
     for path in paths:
         rel = path[len(root) :].lstrip("/")
@@ -133,13 +129,8 @@ def read_unit(
     seen: set[str] = set()
     try:
         if unit.kind == "image":
-            rows = iter(
-                [
-                    InputRow(
-                        unit.rel, unit.name, fs.cat_file(path), missing_sinks(unit.name, sinks, unit.written)
-                    )
-                ]
-            )
+            missing = missing_sinks(unit.name, sinks, unit.written)
+            rows = (InputRow(unit.rel, unit.name, fs.cat_file(path), missing),)
         elif unit.kind == "parquet":
             rows = _parquet_rows(unit, sinks, fs.cat_file(path), image_column)
         else:

@@ -17,13 +17,15 @@ import errno
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import StorageError
+from pipeline.errors import PipelineError, StorageError
 
 PROBE_PREFIX = ".pan-write-probe-"
 # For checks before a job starts: one quick try, so a down endpoint is reported in about a second
@@ -59,6 +61,23 @@ def filesystem(
     fs, path = fsspec.core.url_to_fs(location, **options)
     fs.invalidate_cache(path)
     return fs, path
+
+
+@contextmanager
+def reported(location: str, doing: str, *, absent_ok: bool = False) -> Iterator[None]:
+    """What fails in the block while ``doing`` (reading, writing, listing...) ``location`` leaves
+    as one ``StorageError`` line (``storage_error``). A ``PipelineError`` passes unchanged, and so
+    does ``FileNotFoundError`` with ``absent_ok``: an absent file is an answer the caller handles."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except FileNotFoundError as exc:
+        if absent_ok:
+            raise
+        raise storage_error(exc, location, doing) from exc
+    except Exception as exc:
+        raise storage_error(exc, location, doing) from exc
 
 
 def storage_error(exc: BaseException, location: str, doing: str) -> StorageError:
@@ -97,43 +116,33 @@ def _first_line(exc: BaseException) -> str:
 
 def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The bytes at ``location``; ``FileNotFoundError`` when there is none."""
-    try:
+    with reported(location, "read", absent_ok=True):
         if not is_url(location):
             return Path(location.removeprefix("file://")).expanduser().read_bytes()
         fs, path = filesystem(location, storage_options)
         return fs.cat_file(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise storage_error(exc, location, "read") from exc
 
 
 def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``location``, creating parent folders; atomic as described above."""
-    try:
-        _write_bytes(location, data, storage_options)
-    except Exception as exc:
-        raise storage_error(exc, location, "write") from exc
-
-
-def _write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None) -> None:
-    if is_url(location):
-        fs, path = filesystem(location, storage_options)
-        if not isinstance(fs, LocalFileSystem):
-            fs.pipe_file(path, data)
-            return
-        location = path
-    target = Path(location.removeprefix("file://")).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name (not mkstemp, whose 0600 mode would ignore the user's umask).
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with reported(location, "write"):
+        if is_url(location):
+            fs, path = filesystem(location, storage_options)
+            if not isinstance(fs, LocalFileSystem):
+                fs.pipe_file(path, data)
+                return
+            location = path
+        target = Path(location.removeprefix("file://")).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A unique hidden name (not mkstemp, whose 0600 mode would ignore the user's umask).
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def check_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -141,7 +150,7 @@ def check_writable(location: str, storage_options: dict[str, Any] | None = None)
     needed): write a small hidden probe file and delete it. One quick try on object stores, so a
     missing bucket, bad credentials or a down endpoint fail here in about a second."""
     probe = join(location, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
-    try:
+    with reported(location, "write under"):
         if is_url(location):
             fs, path = filesystem(probe, storage_options, fail_fast=True)
             fs.pipe_file(path, b"probe")
@@ -153,20 +162,14 @@ def check_writable(location: str, storage_options: dict[str, Any] | None = None)
         folder.mkdir(parents=True, exist_ok=True)
         Path(probe).write_bytes(b"probe")
         Path(probe).unlink()
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise storage_error(exc, location, "write under") from exc
 
 
 def check_listable(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``location`` exists, asked with one quick try; ``StorageError`` when the store
     cannot answer (unreachable endpoint, no credentials, permission denied)."""
-    try:
+    with reported(location, "list"):
         fs, path = filesystem(location, storage_options, fail_fast=True)
         return bool(fs.exists(path))
-    except Exception as exc:
-        raise storage_error(exc, location, "list") from exc
 
 
 def location_key(location: str) -> tuple[str, str]:
@@ -209,23 +212,19 @@ def join(base: str, rel: str) -> str:
 
 def list_files(location: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Paths of all files under ``location``, relative to it (posix); empty if it does not exist."""
-    try:
+    with reported(location, "list"):
         fs, root = filesystem(location, storage_options)
         if not fs.exists(root):
             return []
         root = root.rstrip("/")
         return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
-    except Exception as exc:
-        raise storage_error(exc, location, "list") from exc
 
 
 def remove(location: str, storage_options: dict[str, Any] | None = None) -> None:
-    try:
+    with reported(location, "delete"):
         fs, path = filesystem(location, storage_options)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    except Exception as exc:
-        raise storage_error(exc, location, "delete") from exc
 
 
 def upload_dir(local: str | Path, location: str, storage_options: dict[str, Any] | None = None) -> None:
