@@ -12,43 +12,96 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pipeline.errors import DestinationError, PipelineError
 
 EXIT_USER_ERROR = 2
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True, help="upscaling factor")
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="hub repo id, folder, weights file or fsspec URL (default: eugenesiow/pan)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument(
-        "--tile",
-        type=int,
-        default=None,
-        metavar="PX",
-        help="input tile size in pixels, at least 32; 0 = whole image (default: automatic, by memory)",
-    )
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _converter(annotation: Any, metadata: list[Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that validates a flag's text as the job model would (jobspec)."""
+    from pipeline.jobspec import coerce_setting
+
+    def convert(text: str) -> Any:
+        try:
+            return coerce_setting(annotation, metadata, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return convert
+
+
+def _add_settings(
+    parser: argparse.ArgumentParser,
+    job_class: type,
+    names: Sequence[str] | None = None,
+    *,
+    positional: Sequence[str] = (),
+    required: Sequence[str] = (),
+    defaults: bool = False,
+) -> None:
+    """Arguments for the fields ``names`` (default: all) of a job model: the field's name as the
+    flag, its type (choices, repeatable lists, --x/--no-x booleans), its description as help.
+
+    Flags that are not given are absent from the parsed arguments, so a spec file's values stand,
+    unless ``defaults``: then they take the field's default (commands without a spec file)."""
+    from pydantic_core import PydanticUndefined
+
+    for name in names or job_class.model_fields:
+        field = job_class.model_fields[name]
+        help_text = (field.description or "").replace("%", "%%")
+        if name in positional:
+            parser.add_argument(name, metavar=name.upper(), type=_converter(field.annotation, field.metadata),
+                                help=help_text)  # fmt: skip
+            continue
+        annotation = field.annotation
+        union = get_origin(annotation) in (Union, types.UnionType)
+        options = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+        kwargs: dict[str, Any] = {"required": name in required}
+        default = field.get_default(call_default_factory=True)
+        kwargs["default"] = default if defaults else argparse.SUPPRESS
+        if default not in (None, PydanticUndefined, False, {}, ()):
+            help_text += f" (default: {default})"
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is tuple:  # repeatable: --scale 2 --scale 3
+            element = get_args(annotation)[0]
+            kwargs.update(action="append", type=_converter(element, []))
+            if get_origin(element) is Literal:
+                kwargs["choices"] = get_args(element)
+            if defaults:
+                kwargs["default"] = None
+        else:
+            kwargs["type"] = _converter(annotation, field.metadata)
+            literals = [v for o in options if get_origin(o) is Literal for v in get_args(o)]
+            if len(options) == 1 and literals:
+                kwargs["choices"] = literals
+            elif literals:  # a number or a word: tile
+                kwargs["metavar"] = f"{'|'.join(map(str, literals))}|{name.upper()}"
+            elif get_origin(options[0]) is dict:
+                kwargs["metavar"] = "JSON"
+        parser.add_argument(_flag(name), help=help_text, **kwargs)
+
+
+def _settings(args: argparse.Namespace, job_class: type) -> dict[str, Any]:
+    """The job settings given on the command line."""
+    return {k: v for k, v in vars(args).items() if k in job_class.model_fields}
 
 
 def _upscaler(args: argparse.Namespace):
-    from pipeline.engine import AUTO, Upscaler
-    from pipeline.hub import resolve_source
-    from pipeline.tiling import check_tile
+    from pipeline.engine import Upscaler
     from pipeline.weights import load_pretrained
 
-    if args.tile is not None:
-        check_tile(args.tile)  # before loading anything
-    model = load_pretrained(resolve_source(args.weights) if args.weights else None, scale=args.scale)
-    tile = AUTO if args.tile is None else args.tile
-    return Upscaler(model, device=args.device, precision=args.precision, tile=tile)
+    model = load_pretrained(args.weights, scale=args.scale)
+    return Upscaler(model, device=args.device, precision=args.precision, tile=args.tile)
 
 
 def _refuse_overwriting_inputs(output: str, *inputs: str | None) -> None:
@@ -152,50 +205,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.eval_job import EvalJob, run_eval
+def _run_eval(job) -> int:
+    from pipeline.eval_job import run_eval
     from pipeline.progress import JobProgress
     from pipeline.report import markdown_table
     from pipeline.storage import write_bytes
 
-    settings = {
-        k: getattr(args, k)
-        for k in ("split", "device", "precision", "tile", "compare_dir", "address", "actors")
-    }
-    job = EvalJob(
-        tuple(args.data),
-        tuple(args.scale),
-        args.weights,
-        **{k: v for k, v in settings.items() if v is not None},
-    )
-    if args.report:
-        _check_output_folder(args.report)
+    if job.report:
+        _check_output_folder(job.report)
     with JobProgress("evaluating", unit="images") as progress:
         reports = run_eval(job, on_progress=lambda done, total: progress.update({"scored": done}, 0, total))
     print(markdown_table(reports))
-    if args.report:
+    if job.report:
         # One (set, scale): the report object; several: a list of them.
         payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
-        write_bytes(args.report, (json.dumps(payload, indent=2) + "\n").encode())
-        print(f"report -> {args.report}")
+        write_bytes(job.report, (json.dumps(payload, indent=2) + "\n").encode())
+        print(f"report -> {job.report}")
     return 0
 
 
-def cmd_upscale(args: argparse.Namespace) -> int:
+def _run_upscale(job) -> int:
     from pipeline.progress import JobProgress
-    from pipeline.upscale import UpscaleJob, check_error_fraction, run_upscale
+    from pipeline.upscale import check_error_fraction, run_upscale
 
-    overrides = {k: getattr(args, k) for k in UPSCALE_FLAGS}
-    if args.storage_options:
-        try:
-            overrides["storage_options"] = json.loads(args.storage_options)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"--storage-options is not JSON: {exc}") from exc
-    overrides.update(source=args.source, dest=args.dest)
-    for flag in ("overwrite", "dest_inside_source"):  # store_true flags: only a given one overrides the spec
-        if getattr(args, flag):
-            overrides[flag] = True
-    job = _job_settings(UpscaleJob, args.config, overrides)
     with JobProgress("upscaling") as progress:
         summary = run_upscale(job, on_progress=progress.update)
     print(
@@ -209,20 +241,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-UPSCALE_FLAGS = (
-    "scale", "weights", "format", "image_column", "device", "precision", "tile",
-    "actors", "max_error_fraction", "address", "png_compress_level", "max_pixels",
-)  # fmt: skip
+def _run_train(job) -> int:
+    from pipeline.train import run_training
 
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train import TrainJob, run_training
-
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
-    for flag in ("gpu", "five_crop"):  # store_true flags: only a given one overrides the spec
-        if getattr(args, flag):
-            overrides[flag] = True
-    job = _job_settings(TrainJob, args.config, overrides)
     result = run_training(job)
     if result.error:
         raise PipelineError(f"training failed: {str(result.error).splitlines()[0]}")
@@ -234,26 +255,92 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_FLAGS = (
-    "data", "lr_data", "scale", "workers", "max_steps", "storage", "name", "batch_size", "patch_size", "lr",
-    "init_weights", "val_data", "val_every", "ema_decay", "address",
-)  # fmt: skip
+RUNNERS = {"upscale": _run_upscale, "train": _run_train, "eval": _run_eval}
 
 
-def _job_settings(job_class, config: str | None, overrides: dict):
-    """A job's settings: its YAML spec (if any) overridden by the flags that were given."""
-    from pydantic import ValidationError
+def cmd_job(args: argparse.Namespace) -> int:
+    """``pan upscale``, ``pan train``, ``pan eval``: a spec file (if any) overridden by the flags."""
+    from pipeline.jobspec import KINDS, build_job
 
+    job_class = KINDS[args.command]
+    settings = _settings(args, job_class)
+    job = job_class.from_yaml(args.config, **settings) if args.config else build_job(job_class, settings)
+    return RUNNERS[job.kind](job)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.jobspec import load_spec
+
+    spec = load_spec(args.spec, args.set or ())
+    return RUNNERS[spec.kind](spec.job)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.jobspec import load_spec
+
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.set or ())
+        except PipelineError as exc:
+            print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"# {path}: a valid {spec.kind} job")
+        print(yaml.safe_dump(spec.settings(), sort_keys=False).rstrip())
+    return EXIT_USER_ERROR if failed else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.jobspec import load_spec
+    from pipeline.submit import client, submit, wait
+
+    spec = load_spec(args.spec, args.set or ())  # before anything reaches the cluster
+    submission = submit(spec, address=args.address, runtime_env=args.runtime_env)
+    if submission.started:
+        print(f"submitted {submission.submission_id}")
+    else:
+        print(
+            f"{submission.submission_id} was submitted before ({submission.status}): attached to it, "
+            "no second job started"
+        )
+    if not (args.wait or args.follow):
+        print(f"follow it with: pan jobs logs {submission.submission_id} --follow")
+        return 0
     try:
-        if config:
-            return job_class.from_yaml(config, **overrides)
-        return job_class(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:  # name the first problem in one line
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "settings"
-        message = error["msg"].removeprefix("Value error, ")
-        source = f" in {config}" if config else ""
-        raise PipelineError(f"invalid job settings{source}: {where}: {message}") from exc
+        return wait(client(args.address), submission.submission_id, follow=args.follow)
+    except KeyboardInterrupt:
+        print(
+            f"pan: stopped waiting; {submission.submission_id} goes on (pan jobs stop ID ends it)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline.submit import client, job_info, list_rows, status_of, wait
+
+    jobs = client(args.address)
+    if args.action == "list":
+        rows = list_rows(jobs)
+        width = max([len(r["id"]) for r in rows] + [2])
+        print(f"{'ID':<{width}}  {'STATUS':<9}  {'STARTED (UTC)':<16}  ENTRYPOINT")
+        for r in rows:
+            print(f"{r['id']:<{width}}  {r['status']:<9}  {r['start']:<16}  {r['entrypoint']}")
+        return 0
+    info = job_info(jobs, args.id)
+    if args.action == "status":
+        print(f"{args.id}: {status_of(info)}" + (f": {info.message.splitlines()[0]}" if info.message else ""))
+    elif args.action == "logs":
+        if args.follow:
+            return wait(jobs, args.id, follow=True)
+        print(jobs.get_job_logs(args.id), end="")
+    elif args.action == "stop":
+        stopped = jobs.stop_job(args.id)
+        print(f"{args.id}: {'stopping' if stopped else 'already ' + status_of(info)}")
+    return 0
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -275,7 +362,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"pan: error: {message} (see {self.prog} --help)\n")
 
 
+INFERENCE_FLAGS = ("scale", "weights", "device", "precision", "tile")  # upscale-image and compare
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.jobspec import KINDS, EvalJob, TrainJob, UpscaleJob
+    from pipeline.submit import RUNTIME_ENVS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument("--verbose", action="store_true", help="show Ray's own logs and warnings")
@@ -285,8 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upscale-image", parents=[common], help="upscale one image file")
     p.add_argument("input", help="image file or URL")
     p.add_argument("output", help="output file or URL (.png, .jpg, .webp)")
-    _add_model_options(p)
-    p.add_argument("--png-compress-level", type=int, default=6, choices=range(10), metavar="0-9")
+    _add_settings(p, UpscaleJob, (*INFERENCE_FLAGS, "png_compress_level"), required=("scale",), defaults=True)
     p.add_argument("--compare", metavar="PICTURE", help="also write a bicubic | PAN picture here")
     p.set_defaults(handler=cmd_upscale_image)
 
@@ -294,95 +386,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="low-resolution image")
     p.add_argument("output", help="picture to write (.png, .jpg, .webp)")
     p.add_argument("--hr", help="the high-resolution original: adds a panel and PSNR labels")
-    _add_model_options(p)
+    _add_settings(p, UpscaleJob, INFERENCE_FLAGS, required=("scale",), defaults=True)
     p.set_defaults(handler=cmd_compare)
 
-    p = sub.add_parser(
-        "eval", parents=[common], help="PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline"
-    )
-    p.add_argument(
-        "--data",
+    helps = {
+        "upscale": "upscale a folder, S3 prefix or shards on Ray (the batch job)",
+        "train": "train or fine-tune PAN on Ray Train (the same name resumes)",
+        "eval": "PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline",
+    }
+    for kind, job_class in KINDS.items():
+        p = sub.add_parser(kind, parents=[common], help=helps[kind], description=helps[kind])
+        p.add_argument("--config", metavar="SPEC", help="job spec file (see jobs/); flags override it")
+        _add_settings(p, job_class, positional=("source", "dest") if job_class is UpscaleJob else ())
+        p.set_defaults(handler=cmd_job)
+    assert set(helps) == set(KINDS) and {UpscaleJob, TrainJob, EvalJob} == set(KINDS.values())
+
+    sets = argparse.ArgumentParser(add_help=False)
+    sets.add_argument(
+        "--set",
         action="append",
-        required=True,
-        help="folder with HR/ (+ LR_bicubic/), image folder, Parquet, imagefolder or hub id (repeatable)",
+        metavar="KEY=VALUE",
+        help="override a setting of the spec (repeatable); VALUE is read as YAML, e.g. scale=3",
     )
-    p.add_argument(
-        "--scale", type=int, choices=(2, 3, 4), action="append", required=True, help="(repeatable)"
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="as for upscale-image; '{scale}' is replaced per scale, e.g. weights/PANx{scale}_DF2K.pth",
-    )
-    p.add_argument("--device", default=None, help="where actors compute: auto (default), cpu, cuda")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--tile", type=int, metavar="PX", help="input tile size; 0 = whole image")
-    p.add_argument("--split", default=None, help="dataset split (default: test, validation or the only one)")
-    p.add_argument("--report", metavar="OUT.json", help="write the scores as JSON")
-    p.add_argument("--compare-dir", metavar="DIR", help="write DIR/<set>/x<scale>/<image>.png pictures")
-    p.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, else one per CPU)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(handler=cmd_eval)
+    p = sub.add_parser("run", parents=[common, sets], help="run the job a spec file describes, here")
+    p.add_argument("spec", metavar="SPEC", help="job spec file (YAML with kind: and settings; see jobs/)")
+    p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser(
-        "upscale", parents=[common], help="upscale a folder, S3 prefix or shards on Ray (the batch job)"
-    )
-    p.add_argument("source", help="folder or URL (s3://...) of images, Parquet or tar shards")
-    p.add_argument("dest", help="output folder or URL")
-    p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
-    p.add_argument("--scale", type=int, choices=(2, 3, 4))
-    p.add_argument("--weights", help="hub repo id, folder, file or URL (default: eugenesiow/pan)")
-    p.add_argument("--format", choices=("png", "parquet", "both"))
-    p.add_argument("--image-column", help="image bytes column of Parquet shards (default: image)")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options, e.g. '{\"anon\": true}'")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="redo every input, replacing pan's earlier outputs (even of other weights or scale)",
-    )
-    p.add_argument(
-        "--dest-inside-source",
-        action="store_true",
-        help="allow DEST inside SOURCE; DEST's files are then never read as inputs",
-    )
-    p.add_argument("--max-error-fraction", type=float, metavar="F", help="fail when more inputs fail")
-    p.add_argument("--device", help="where actors compute: auto (default), cpu, cuda")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--tile", type=int, metavar="PX", help="input tile size (>= 32); 0 = whole image")
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else one per CPU)")
-    p.add_argument(
-        "--png-compress-level",
-        type=int,
-        choices=range(10),
-        metavar="0-9",
-        help="zlib level of the PNGs (default: 1, fastest; 6-9: files about 12%% smaller, 4.5-20x the CPU)",
-    )
-    p.add_argument("--max-pixels", type=int, help="refuse larger inputs (default: 40,000,000)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(handler=cmd_upscale)
+    p = sub.add_parser("validate", parents=[common, sets], help="check spec files; print resolved settings")
+    p.add_argument("specs", metavar="SPEC", nargs="+", help="job spec files")
+    p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser(
-        "train", parents=[common], help="train or fine-tune PAN on Ray Train (the same name resumes)"
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument(
+        "--address",
+        help="the cluster's job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
     )
-    p.add_argument("--config", metavar="YAML", help="job spec (see jobs/); flags override it")
-    p.add_argument("--data", help="training images: folder, DIV2K zip, Parquet, imagefolder or hub id")
-    p.add_argument("--lr-data", help="matching LR archive/folder (default: bicubic from HR)")
-    p.add_argument("--scale", type=int, choices=(2, 3, 4))
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: 1)")
-    p.add_argument("--max-steps", type=int, help="train until this many iterations in all")
-    p.add_argument("--storage", help="where runs live: folder or s3:// URL (default: runs)")
-    p.add_argument("--name", help="run name: the same name resumes")
-    p.add_argument("--batch-size", type=int, help="LR patches per step over all workers (default: 32)")
-    p.add_argument("--patch-size", type=int, help="LR patch size in pixels (default: 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 7e-4)")
-    p.add_argument("--init-weights", help="fine-tune from these weights")
-    p.add_argument("--val-data", help="benchmark set for validation, e.g. Set5")
-    p.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default: 500)")
-    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.999)")
-    p.add_argument("--five-crop", action="store_true", help="the model card's five-crop pre-augmentation")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, AMP")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(handler=cmd_train)
+    p = sub.add_parser(
+        "submit",
+        parents=[common, sets, address],
+        help="validate a spec, run it on a Ray cluster",
+    )
+    p.add_argument("spec", metavar="SPEC", help="job spec file (see jobs/)")
+    p.add_argument(
+        "--runtime-env",
+        choices=RUNTIME_ENVS,
+        default="installed",
+        help="installed: the package in the cluster's image (default); working-dir: ship this checkout "
+        "with requirements.lock",
+    )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--wait", action="store_true", help="wait for the end; exit code 0 only if it succeeded")
+    how.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.set_defaults(handler=cmd_submit)
+
+    p = sub.add_parser("jobs", parents=[common], help="list, inspect, follow or stop a cluster's jobs")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    actions.add_parser("list", parents=[common, address], help="jobs submitted to the cluster, newest first")
+    for action, text in [("status", "a job's state"), ("logs", "a job's logs"), ("stop", "stop a job")]:
+        q = actions.add_parser(action, parents=[common, address], help=text)
+        q.add_argument("id", metavar="ID", help="submission id (see pan jobs list)")
+        if action == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends")
+    p.set_defaults(handler=cmd_jobs)
 
     p = sub.add_parser("weights", parents=[common], help="list the known published weights")
     p.set_defaults(handler=cmd_weights)
@@ -394,12 +459,13 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.raycluster import Terminated, quiet_ray, shutdown_on_exit
+    from pipeline.raycluster import Terminated, quiet_ray, shutdown_on_exit, use_configured_token
 
     args = build_parser().parse_args(argv)
     # Every command connects explicitly (raycluster.connect): a stray Ray call after the shutdown
     # must fail, not start a new Ray, dashboard and all, while the command exits.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    use_configured_token()
     logging.basicConfig(format="pan: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     quiet_ray(verbose=args.verbose)
     try:

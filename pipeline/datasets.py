@@ -7,7 +7,8 @@ made from that HR with the MATLAB bicubic ``imresize``); both HxWx3 uint8 RGB.
 
 ``open_pairs`` reads:
 - a folder in the benchmark layout: ``HR/<name>.<ext>`` and, when present,
-  ``LR_bicubic/X{s}/<name>x{s}.<ext>``;
+  ``LR_bicubic/X{s}/<name>x{s}.<ext>``, local or at a URL (``s3://.../Set5``: copied to the temp
+  folder first, so a cluster's driver needs no local copy);
 - a folder that holds only images (walked recursively, sorted by path), e.g. BSDS200: HR only;
 - an archive of images (``.zip``/``.tar``/``.tar.gz``, local or URL), read by ``datasets``'
   imagefolder builder: DIV2K's official zips (``div2k_urls``);
@@ -20,7 +21,10 @@ made from that HR with the MATLAB bicubic ``imresize``); both HxWx3 uint8 RGB.
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -35,6 +39,7 @@ from torch.utils.data import Dataset
 from pipeline.errors import DatasetError, InvalidImageError
 from pipeline.hub import is_repo_id, offline_mode, unreachable_reason
 from pipeline.imaging import IMAGE_SUFFIXES, decode_image, imresize
+from pipeline.storage import is_url, join, list_files, read_bytes
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
@@ -252,7 +257,7 @@ def _open(
     source: str, scale: int, split: str | None
 ) -> tuple[str, _Images, _Images | None, list[int] | None]:
     """(name, HR images, LR images or None, LR index of each HR image, or None for the same index)."""
-    path = Path(source)
+    path = Path(_benchmark_copy(source, scale) or source)
     if (path / "HR").is_dir():
         return (path.name, *_benchmark_folder(path, scale))
     if path.is_dir():
@@ -276,6 +281,32 @@ def _open(
         raise DatasetError(f"{source} has no 'hr' column (columns: {ds.column_names}); use {FORMS_THAT_WORK}")
     lr = _ColumnImages(ds, "lr", source) if "lr" in ds.column_names else None
     return _source_name(source), _ColumnImages(ds, hr_col, source), lr, None
+
+
+def _benchmark_copy(source: str, scale: int) -> str | None:
+    """A local copy of a benchmark folder at a URL (``HR/`` + ``LR_bicubic/X<scale>/``, as on
+    disk), or None when ``source`` is not one. Sets are small (Urban100: ~100 images); the copy
+    lives in a temp folder of this process, removed at exit, so a changed set is never read stale."""
+    if not is_url(source) or _data_file_builder(source):
+        return None
+    wanted = ("HR/", f"LR_bicubic/X{scale}/")
+    files = [f for f in list_files(source) if f.startswith(wanted)]
+    if not any(f.startswith("HR/") for f in files):
+        return None
+    if source not in _COPIES:
+        folder = tempfile.mkdtemp(prefix="pan-benchmark-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _COPIES[source] = Path(folder) / source.rstrip("/").rsplit("/", 1)[-1]  # the set's name
+    root = _COPIES[source]
+    for rel in files:  # another scale of a set already here adds its LR folder
+        target = root / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(join(source, rel)))
+    return str(root)
+
+
+_COPIES: dict[str, Path] = {}  # benchmark folder URL -> its local copy in this process
 
 
 def _benchmark_folder(root: Path, scale: int) -> tuple[_Images, _Images | None, list[int] | None]:

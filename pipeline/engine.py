@@ -18,19 +18,17 @@ import copy
 import math
 import os
 from dataclasses import replace
-from typing import Literal
 
 import numpy as np
 import torch
 
 from pipeline.errors import DeviceError
 from pipeline.imaging import DecodedImage, imresize
+from pipeline.jobspec import AUTO, PRECISIONS
 from pipeline.model import PAN
 from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 
-Precision = Literal["fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTO = "auto"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
 
 
@@ -78,8 +76,8 @@ def default_memory_budget(device: torch.device) -> int:
 class Upscaler:
     """PAN on a device, with tiling and batching.
 
-    ``tile``: input tile size in pixels; ``0``/``None`` runs the whole image at once; ``"auto"``
-    runs it whole when it fits ``memory_budget`` (bytes of activations) and tiles it otherwise.
+    ``tile``: input tile size in pixels; ``0`` runs the whole image at once; ``"auto"`` runs it
+    whole when it fits ``memory_budget`` (bytes of activations) and tiles it otherwise.
     ``context``: input pixels read around each tile's core (PAN's receptive field is wide: with
     about 20 or more, tiled output equals whole-image output within one level).
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
@@ -90,15 +88,15 @@ class Upscaler:
         model: PAN,
         *,
         device: str = AUTO,
-        precision: Precision = "fp32",
-        tile: int | str | None = AUTO,
+        precision: str = "fp32",
+        tile: int | str = AUTO,
         context: int = DEFAULT_CONTEXT,
         batch_size: int | str = AUTO,
         memory_budget: int | None = None,
     ) -> None:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-        if tile not in (AUTO, None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if tile != AUTO:
             check_tile(tile)
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
@@ -109,7 +107,7 @@ class Upscaler:
             raise DeviceError("this GPU has no bf16 support; use fp16 or fp32")
         self.precision = precision
         self.scale = model.scale
-        self.tile = None if tile == 0 else tile
+        self.tile = tile
         self.context = context
         self.batch_size = batch_size
         self.memory_budget = memory_budget or default_memory_budget(self.device)
@@ -124,13 +122,13 @@ class Upscaler:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def tile_size(self, height: int, width: int) -> int | None:
-        """The tile size used for an image of this size; None means the whole image."""
-        if self.tile is None:
-            return None
+    def tile_size(self, height: int, width: int) -> int:
+        """The tile size used for an image of this size; 0 means the whole image (as ``tile``)."""
+        if self.tile == 0:
+            return 0
         if self.tile == AUTO:
             if height * width * self._bytes_per_px <= self.memory_budget:
-                return None
+                return 0
             side = int(math.sqrt(self.memory_budget / self._bytes_per_px)) // 8 * 8
             return max(side - 2 * self.context, MIN_TILE)
         return int(self.tile)
@@ -157,7 +155,7 @@ class Upscaler:
     def plan(self, height: int, width: int) -> tuple[TilePlan, TilePlan]:
         """The tile windows along y and x for an image of this size."""
         tile = self.tile_size(height, width)
-        if tile is None:
+        if tile == 0:
             return plan_axis(height, height, 0), plan_axis(width, width, 0)
         return plan_axis(height, tile, self.context), plan_axis(width, tile, self.context)
 

@@ -59,6 +59,10 @@ class StorageError(PipelineError):
     left, a missing bucket, an unreachable endpoint, missing credentials."""
 
 
+class ClusterError(PipelineError):
+    """A Ray cluster that cannot be reached, refuses our token, or does not know a job."""
+
+
 class DestinationError(PipelineError):
     """A destination refused to protect data: it is or holds the inputs, holds files we did not
     write, or was made with other settings (scale, weights)."""

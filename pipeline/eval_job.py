@@ -23,60 +23,10 @@ import numpy as np
 
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
-from pipeline.model import SCALES
+from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
 from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
-from pipeline.tiling import check_tile
 
-SCALE_PLACEHOLDER = "{scale}"
-PRECISIONS = ("fp32", "bf16", "fp16")
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Every setting of a distributed evaluation; the one place their defaults live."""
-
-    sources: tuple[str, ...]  # benchmark folders or ``datasets`` sources (see ``load_benchmark``)
-    scales: tuple[int, ...]
-    weights: str | None = None  # "{scale}" is replaced by each scale; None: the default hub weights
-    split: str | None = None
-    device: str = "auto"  # where actors compute: auto (their GPU if given one), cpu, cuda
-    precision: str = "fp32"
-    tile: int | None = None  # None: automatic by memory; 0: whole image
-    compare_dir: str | None = None  # bicubic | PAN | HR pictures: <dir>/<set>/x<scale>/<image>.png
-    address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
-    actors: int | None = None  # None: one per GPU, else one per CPU (never more than the images)
-    actor_cpus: float = 0.5  # CPUs reserved per CPU actor (fractional)
-    images_per_batch: int = 1
-
-    def __post_init__(self) -> None:
-        from pipeline.hub import resolve_source
-        from pipeline.storage import resolve_location
-
-        # Repeats are harmless (``--scale 2 --scale 2``): keep the first of each, in order. Local
-        # paths become absolute: actors on Ray workers do not share the user's working folder.
-        sources = tuple(dict.fromkeys(resolve_source(str(s)) for s in self.sources))
-        object.__setattr__(self, "sources", sources)
-        object.__setattr__(self, "scales", tuple(dict.fromkeys(int(s) for s in self.scales)))
-        if self.weights:
-            object.__setattr__(self, "weights", resolve_source(self.weights))
-        if self.compare_dir:
-            object.__setattr__(self, "compare_dir", resolve_location(self.compare_dir))
-        if not self.sources:
-            raise PipelineError("no benchmark set to evaluate: give at least one --data")
-        if not self.scales or any(s not in SCALES for s in self.scales):
-            raise PipelineError(f"scales must be among {SCALES}, got {list(self.scales)}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.tile is not None:
-            check_tile(self.tile)
-        if self.actors is not None and self.actors < 1:
-            raise PipelineError(f"actors must be at least 1, got {self.actors}")
-        if self.images_per_batch < 1:
-            raise PipelineError(f"images_per_batch must be at least 1, got {self.images_per_batch}")
-
-    def weights_for(self, scale: int) -> str | None:
-        return self.weights.replace(SCALE_PLACEHOLDER, str(scale)) if self.weights else self.weights
 
 
 def comparison_location(compare_dir: str, dataset: str, scale: int, image: str) -> str:
@@ -110,13 +60,14 @@ class EvalActor:
 
     def _upscaler(self, scale: int):
         if scale not in self.upscalers:
-            from pipeline.engine import AUTO, Upscaler
+            from pipeline.engine import Upscaler
             from pipeline.weights import load_pretrained
 
             device = actor_device(self.job.device)
             model = load_pretrained(self.job.weights_for(scale), scale=scale)
-            tile = AUTO if self.job.tile is None else self.job.tile
-            self.upscalers[scale] = Upscaler(model, device=device, precision=self.job.precision, tile=tile)
+            self.upscalers[scale] = Upscaler(
+                model, device=device, precision=self.job.precision, tile=self.job.tile
+            )
         return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,11 +105,11 @@ def _weights_ids(job: EvalJob) -> dict[int, str]:
     from pipeline.weights import load_pretrained
 
     ids = {}
-    for scale in job.scales:
+    for scale in job.scale:
         try:
             ids[scale] = load_pretrained(job.weights_for(scale), scale=scale).weights_info.id
         except WeightsError as exc:
-            if len(job.scales) > 1 and job.weights and SCALE_PLACEHOLDER not in job.weights:
+            if len(job.scale) > 1 and SCALE_PLACEHOLDER not in job.weights:
                 hint = f"for several scales, put {SCALE_PLACEHOLDER} in the weights path"
                 raise WeightsError(f"{exc} ({hint})") from exc
             raise
@@ -171,8 +122,8 @@ def _put_benchmarks(job: EvalJob) -> tuple[list[_Task], Any]:
 
     tasks: list[_Task] = []
     parts = []
-    for source in job.sources:
-        for scale in job.scales:
+    for source in job.data:
+        for scale in job.scale:
             dataset, pairs = load_benchmark(source, scale, split=job.split)
             if any(t.dataset == dataset and t.scale == scale for t in tasks):
                 raise PipelineError(
@@ -210,8 +161,8 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     from pipeline.storage import check_writable
 
     weights_ids = _weights_ids(job)
-    for source in job.sources:  # names only, nothing decoded: a bad set fails before Ray starts
-        for scale in job.scales:
+    for source in job.data:  # names only, nothing decoded: a bad set fails before Ray starts
+        for scale in job.scale:
             open_pairs(source, scale, split=job.split)
     if job.compare_dir:
         check_writable(job.compare_dir)
@@ -252,5 +203,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
 def evaluate_many(
     sources: Sequence[str], scales: Sequence[int], weights: str | None = None, **settings: Any
 ) -> list[EvalReport]:
-    """``run_eval`` of an ``EvalJob(sources, scales, weights, **settings)``."""
-    return run_eval(EvalJob(tuple(sources), tuple(scales), weights, **settings))
+    """``run_eval`` of an ``EvalJob`` of these sets, scales, weights (None: the default) and settings."""
+    if weights is not None:
+        settings["weights"] = weights
+    return run_eval(EvalJob(data=tuple(sources), scale=tuple(scales), **settings))

@@ -4,8 +4,8 @@ failing fast when the hub cannot be reached.
 A setting that takes weights or a dataset (``--weights``, ``--data``) may be a local path, a URL or
 a hub repo id (``owner/name``). ``resolve_source`` decides once, on the driver: what exists locally
 is a local path (made absolute, so Ray workers read what the user meant); ``owner/name`` that does
-not exist locally is a repo id; anything else is a local path that does not exist, reported as
-such instead of being tried on the hub.
+not exist locally, and whose ``owner`` is not a local folder, is a repo id; anything else is a
+local path that does not exist, reported as such instead of being tried on the hub.
 
 ``unreachable_reason`` answers "can we ask the hub?" with one quick TCP connection (or at once
 under ``HF_HUB_OFFLINE``), so an offline machine learns it in a second or two, not after the
@@ -41,7 +41,9 @@ def resolve_source(text: str) -> str:
     anything else as the absolute local path it names (whose absence is reported when used)."""
     if is_url(text):
         return text
-    if Path(text.removeprefix("file://")).expanduser().exists() or not is_repo_id(text):
+    path = Path(text.removeprefix("file://")).expanduser()
+    # "benchmarks/Set5" where benchmarks/ is a local folder means a path that is missing, not a repo.
+    if path.exists() or path.parent.is_dir() or not is_repo_id(text):
         return resolve_location(text)
     return text
 

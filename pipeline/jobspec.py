@@ -1,41 +1,395 @@
-"""The settings of a job (upscale, train): a frozen pydantic model whose defaults live in its
-fields, loaded from a YAML spec in ``jobs/`` and overridden by command-line flags.
+"""The settings of every job, declared once: one frozen pydantic model per job kind (``upscale``,
+``train``, ``eval``). Each field holds its type, its default and its help (the field's
+description); the spec files in ``jobs/``, ``pan run --set`` and the flags of ``pan upscale``,
+``pan train`` and ``pan eval`` are all derived from these models. Torch-free, so ``pan --help``
+and ``pan validate`` stay quick.
 
-Fields that name places are typed ``Location`` (a local path or URL) or ``Source`` (that, or a
-Hugging Face repo id): validation makes local paths absolute, so a job means on Ray workers (whose
-working folder is not the user's) what it meant where it was typed.
+Conventions, kept everywhere:
+- ``"auto"`` (``AUTO``) means "decide at run time": the device (a GPU when the actor has one, else
+  the CPU) and the tile size (the whole image when it fits in memory, else tiles). ``tile: 0``
+  always means the whole image at once; there is no ``None`` tile.
+- Places are typed ``Location`` (a local path or URL) or ``Source`` (that, or a Hugging Face repo
+  id): validation makes local paths absolute, so a job means on Ray workers (whose working folder
+  is not the user's) what it meant where it was typed. Relative paths in a spec file are read
+  from the folder ``pan`` runs in, like paths given as flags.
+- A spec file is YAML: ``kind:`` (which job), optionally ``schedule:`` (a cron line: the spec runs
+  on a schedule, and ``pan submit`` names its submission by the day), and that job's fields.
+  Anything else is refused, naming the key and the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
+import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 
-from pipeline.errors import PipelineError
+from pipeline.errors import SettingsError
 from pipeline.hub import resolve_source
-from pipeline.storage import resolve_location
+from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_COMPRESS_LEVEL
+from pipeline.storage import join, resolve_location
+from pipeline.tiling import MIN_TILE, check_tile
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations only
 
+# -- the vocabulary of settings -------------------------------------------------------------------
+
+SCALES = (2, 3, 4)  # the upscaling factors PAN is defined for
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO = "auto"
+DEFAULT_WEIGHTS = "eugenesiow/pan"  # the model card's weights on the Hugging Face hub
+SCALE_PLACEHOLDER = "{scale}"  # in eval weights: replaced by each scale
 
 Location = Annotated[str, AfterValidator(resolve_location)]
 Source = Annotated[str, AfterValidator(resolve_source)]
+Scale = Annotated[Literal[SCALES], Field(description="upscaling factor")]
+Weights = Annotated[Source, Field(description="hub repo id, folder, weights file or URL of the PAN weights")]
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"device {value!r} is unknown: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+Device = Annotated[
+    str,
+    AfterValidator(_device),
+    Field(
+        description="where the model runs: auto (the GPU given to each actor, else the CPU), cpu, cuda[:N]",
+    ),
+]
+Precision = Annotated[
+    Literal[PRECISIONS], Field(description="fp32; bf16 (CPU and recent GPUs); fp16 (GPU only)")
+]
+
+
+def _tile(value: Any) -> Any:
+    if value == AUTO:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"tile {value!r} is neither {AUTO} nor a number of pixels")
+    return check_tile(value)
+
+
+Tile = Annotated[
+    int | Literal[AUTO],
+    BeforeValidator(_tile),
+    Field(
+        description=f"input tile size in pixels: auto (the whole image when it fits in memory, else "
+        f"tiles), 0 (always the whole image) or at least {MIN_TILE}"
+    ),
+]
+PngLevel = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=9,
+        description="zlib level of the PNGs: 1 is the fastest; 6-9 make files about 12% smaller "
+        "for 4.5-20x the CPU",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    Field(description="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"),
+]
+Actors = Annotated[
+    int | None, Field(ge=1, description="model actors (default: one per GPU, else one per CPU)")
+]
+ActorCpus = Annotated[float, Field(gt=0, description="CPUs reserved per CPU actor (fractional)")]
+StorageOptions = Annotated[
+    dict[str, Any], Field(description='fsspec options for URLs, e.g. {"anon": true} (JSON)')
+]
+
+
+def _unique(values: tuple) -> tuple:
+    """Repeats are harmless (``--scale 2 --scale 2``): the first of each, in order."""
+    return tuple(dict.fromkeys(values))
+
+
+def _as_tuple(value: Any) -> Any:
+    """A single value where a list is expected (``scale: 2``) is a list of one."""
+    return (value,) if isinstance(value, str | int) else value
 
 
 class JobSpec(BaseModel):
+    """What every job's settings share: frozen, unknown keys refused, defaults validated too."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    kind: ClassVar[str]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
-        """Settings from a YAML spec, overridden by the keyword arguments that are not None."""
-        try:
-            spec = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise PipelineError(f"cannot read job spec {path}: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise PipelineError(f"job spec {path} is not a mapping of settings")
-        return cls(**{**spec, **{k: v for k, v in overrides.items() if v is not None}})
+        """Settings from a spec file, overridden by the keyword arguments."""
+        spec = read_spec_file(path)
+        if spec.get("kind", cls.kind) != cls.kind:
+            raise SettingsError(f"{path} is a {spec['kind']!r} job spec, not {cls.kind!r}")
+        settings = {k: v for k, v in spec.items() if k not in ENVELOPE}
+        return build_job(cls, {**settings, **overrides}, path)
+
+
+# -- the jobs ---------------------------------------------------------------------------------------
+
+
+class UpscaleJob(JobSpec):
+    """Every setting of a batch upscaling run (``pipeline.upscale``)."""
+
+    kind: ClassVar[str] = "upscale"
+
+    source: Location = Field(description="folder or URL (s3://...) of images, Parquet or tar shards")
+    dest: Location = Field(description="output folder or URL; it belongs to pan")
+    scale: Scale
+    weights: Weights = DEFAULT_WEIGHTS
+    format: Literal["png", "parquet", "both"] = Field(
+        "png", description="outputs: a PNG tree, a Parquet catalogue, or both"
+    )
+    image_column: str = Field("image", description="image bytes column of Parquet shards")
+    storage_options: StorageOptions = Field(default_factory=dict)
+    overwrite: bool = Field(
+        False, description="redo every input, replacing pan's earlier outputs (never files pan did not write)"
+    )
+    dest_inside_source: bool = Field(
+        False, description="allow DEST inside SOURCE; DEST's files are then never read as inputs"
+    )
+    max_error_fraction: float | None = Field(
+        None, ge=0, le=1, description="fail the run when a larger fraction of the inputs fails"
+    )
+    device: Device = AUTO
+    precision: Precision = "fp32"
+    tile: Tile = AUTO
+    actors: Actors = None
+    actor_cpus: ActorCpus = 0.5
+    images_per_batch: int = Field(4, ge=1, description="images per model call of an actor")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="refuse inputs with more pixels")
+    png_compress_level: PngLevel = PNG_COMPRESS_LEVEL
+    address: RayAddress = None
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        from pipeline.sinks import SINKS
+
+        return SINKS[self.format]
+
+
+class TrainJob(JobSpec):
+    """Every setting of a training run (``pipeline.train``)."""
+
+    kind: ClassVar[str] = "train"
+
+    data: Source = Field(description="training images: folder, DIV2K zip, Parquet, imagefolder or hub id")
+    lr_data: Source | None = Field(
+        None, description="the matching LR archive or folder (default: bicubic from the HR images)"
+    )
+    scale: Scale
+    name: str = Field(pattern=r"^[\w.-]+$", description="run name, a folder under storage (the same resumes)")
+    storage: Location = Field("runs", description="where runs live: folder or URL")
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    gpu: bool = Field(False, description="one GPU per worker, nccl, AMP")
+    max_steps: int = Field(1000, ge=1, description="train until this many iterations in all")
+    batch_size: int = Field(32, ge=1, description="LR patches per step over all workers")
+    patch_size: int = Field(64, ge=8, description="LR patch size in pixels")
+    lr: float = Field(7e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-7, ge=0, description="learning rate at the end of each cosine period")
+    restart_every: int = Field(250_000, ge=1, description="cosine period in steps (the paper: 4 x 250k)")
+    init_weights: Source | None = Field(None, description="fine-tune from these weights")
+    val_data: Source | None = Field(None, description="benchmark set for validation, e.g. a Set5 folder")
+    val_every: int = Field(500, ge=1, description="validate and checkpoint every N steps")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights, e.g. 0.999")
+    five_crop: bool = Field(False, description="the model card's five-crop pre-augmentation")
+    loader_workers: int = Field(0, ge=0, description="data loader processes per worker")
+    cache_images: int = Field(64, ge=0, description="decoded images kept in memory per worker")
+    max_failures: int = Field(2, ge=0, description="worker failures to recover from")
+    seed: int = Field(0, description="random seed")
+    log_every: int = Field(10, ge=1, description="record the loss every N steps")
+    storage_options: StorageOptions = Field(default_factory=dict)
+    address: RayAddress = None
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.storage, self.name)
+
+
+class EvalJob(JobSpec):
+    """Every setting of a benchmark evaluation (``pipeline.eval_job``)."""
+
+    kind: ClassVar[str] = "eval"
+
+    data: Annotated[
+        tuple[Source, ...],
+        BeforeValidator(_as_tuple),
+        AfterValidator(_unique),
+        Field(
+            min_length=1,
+            description="benchmark sets: folder with HR/ (+ LR_bicubic/), image folder, Parquet, "
+            "imagefolder or hub id (repeatable)",
+        ),
+    ]
+    scale: Annotated[
+        tuple[Literal[SCALES], ...],
+        BeforeValidator(_as_tuple),
+        AfterValidator(_unique),
+        Field(min_length=1, description="upscaling factors (repeatable)"),
+    ]
+    weights: Weights = Field(
+        DEFAULT_WEIGHTS,
+        description=f"as for upscale; {SCALE_PLACEHOLDER} is replaced by each scale, "
+        f"e.g. weights/PANx{SCALE_PLACEHOLDER}_DF2K.pth",
+    )
+    split: str | None = Field(None, description="dataset split (default: test, validation or the only one)")
+    device: Device = AUTO
+    precision: Precision = "fp32"
+    tile: Tile = AUTO
+    report: Location | None = Field(None, description="write the scores here as JSON")
+    compare_dir: Location | None = Field(
+        None, description="write bicubic | PAN | HR pictures as DIR/<set>/x<scale>/<image>.png"
+    )
+    actors: Actors = None
+    actor_cpus: ActorCpus = 0.5
+    images_per_batch: int = Field(1, ge=1, description="images per model call of an actor")
+    address: RayAddress = None
+
+    def weights_for(self, scale: int) -> str:
+        return self.weights.replace(SCALE_PLACEHOLDER, str(scale))
+
+
+KINDS: dict[str, type[JobSpec]] = {cls.kind: cls for cls in (UpscaleJob, TrainJob, EvalJob)}
+
+# -- spec files, --set and flags --------------------------------------------------------------------
+
+ENVELOPE = ("kind", "schedule")  # the keys of a spec file that are not settings of its job
+_CRON = re.compile(r"^\S+(\s+\S+){4}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A validated spec file: the job it describes and how it was asked for."""
+
+    path: str  # as given
+    kind: str
+    schedule: str | None  # a cron line when the spec runs on a schedule
+    job: JobSpec
+    sets: tuple[str, ...] = ()  # the ``key=value`` overrides applied to the file
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings, as a spec file would hold them."""
+        head = {"kind": self.kind, **({"schedule": self.schedule} if self.schedule else {})}
+        return {**head, **self.job.model_dump(mode="json")}
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read job spec {path}: {exc}") from exc
+    if not isinstance(spec, dict) and spec is not None:
+        raise SettingsError(f"job spec {path} is not a mapping of settings")
+    return spec or {}
+
+
+def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
+    """The spec file at ``path`` with ``key=value`` overrides, validated; ``SettingsError`` names
+    the file and the key of any problem."""
+    spec = read_spec_file(path)
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        choices = ", ".join(KINDS)
+        said = f"kind {kind!r} is unknown" if kind else "no kind: key"
+        raise SettingsError(f"job spec {path}: {said} (choose one of {choices})")
+    job_class = KINDS[kind]
+    schedule = spec.get("schedule")
+    if schedule is not None and not (isinstance(schedule, str) and _CRON.match(schedule.strip())):
+        raise SettingsError(f"job spec {path}: schedule: {schedule!r} is not a cron line like '0 2 * * *'")
+    settings = {k: v for k, v in spec.items() if k not in ENVELOPE}
+    for item in sets:
+        key, value = split_setting(item)
+        settings[key] = parse_setting(job_class, key, value, where=f"--set {item}")
+    job = build_job(job_class, settings, path)
+    return Spec(str(path), kind, schedule.strip() if schedule else None, job, tuple(sets))
+
+
+def split_setting(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SettingsError(f"--set {item!r}: write key=value, e.g. --set scale=3")
+    return key.strip().replace("-", "_"), value
+
+
+def _unknown(job_class: type[JobSpec], key: str) -> str:
+    close = difflib.get_close_matches(key, job_class.model_fields, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{key}: not a setting of {job_class.kind} jobs{hint}"
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field takes text as it is (paths, names), not parsed as YAML."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return any((get_args(o)[0] if get_origin(o) is Annotated else o) is str for o in options)
+
+
+def coerce_setting(annotation: Any, metadata: list[Any], text: str) -> Any:
+    """A setting given as text (``--set``, a flag), validated as the spec file's value would be:
+    containers, numbers and booleans are read as YAML (``scale=[2,3]``, ``storage_options={...}``),
+    text settings are taken as typed, and ``null`` empties a setting that may be empty.
+    ``ValueError`` says what is wrong."""
+    try:
+        value = None if text == "null" else text if _is_text(annotation) else yaml.safe_load(text)
+        return TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).validate_python(
+            value
+        )
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{text!r} is not valid YAML (or JSON)") from exc
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from exc
+
+
+def parse_setting(job_class: type[JobSpec], key: str, text: str, *, where: str) -> Any:
+    """``coerce_setting`` of the field ``key`` of ``job_class``; ``SettingsError`` names ``where``."""
+    field = job_class.model_fields.get(key)
+    if field is None:
+        raise SettingsError(f"{where}: {_unknown(job_class, key)}")
+    try:
+        return coerce_setting(field.annotation, field.metadata, text)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {key}: {exc}") from exc
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    return str(exc).splitlines()[0]
+
+
+def build_job(job_class: type[JobSpec], settings: dict[str, Any], path: str | Path | None = None) -> JobSpec:
+    """``job_class(**settings)``; a ``SettingsError`` names the first problem's key (and file)."""
+    try:
+        return job_class(**settings)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        where = f"invalid job settings in {path}" if path else "invalid job settings"
+        if error["type"] == "extra_forbidden":
+            raise SettingsError(f"{where}: {_unknown(job_class, str(error['loc'][0]))}") from exc
+        if error["type"] == "missing":
+            hint = f" (--{key.replace('_', '-')})" if path is None else ""
+            raise SettingsError(f"{where}: {key} is required{hint}") from exc
+        raise SettingsError(f"{where}: {key}: {_first_error(exc)}") from exc

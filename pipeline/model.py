@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.jobspec import SCALES
+
 if TYPE_CHECKING:
     from pathlib import Path
-
-SCALES = (2, 3, 4)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ClusterError, PipelineError
 
 _state = {"verbose": False, "watchdog": None, "stderr_filter": False}
 
@@ -38,12 +39,15 @@ def quiet_ray(*, verbose: bool) -> None:
     """How much of Ray's own output the command shows: everything with ``verbose``, else errors.
 
     Call it before Ray starts. Besides log levels (applied by ``connect``), this hides the token
-    authentication notice of a new local cluster (authentication stays on), and, where stderr is
+    authentication notice of a new local cluster (authentication stays on) and the job client's
+    package uploads, and, where stderr is
     this process's own file descriptor 2 (a console, not a capture), filters Ray's C++ output to it.
     """
     _state["verbose"] = verbose
     level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(level)
+    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(level)  # "Uploading package..."
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(level)
     if not verbose:
         _filter_native_stderr()
 
@@ -95,6 +99,31 @@ def _filter_native_stderr() -> None:
         thread.join(timeout=1.0)
 
     atexit.register(restore)
+
+
+AUTH_TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # Ray's own, read by Ray's clients
+
+
+def use_configured_token() -> None:
+    """Ray sends a token only under ``RAY_AUTH_MODE=token``, and an explicit address never turns
+    that mode on: joining a token cluster then fails after 20 s of retries with no word about the
+    token. So a configured token (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) turns it on, here,
+    before Ray is imported (its core reads the mode once)."""
+    if any(os.environ.get(v) for v in AUTH_TOKEN_VARIABLES) and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def auth_token() -> str | None:
+    """The Ray auth token the user configured (``RAY_AUTH_TOKEN``, else the first line of the file
+    ``RAY_AUTH_TOKEN_PATH``), or None."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text().strip().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: no token can be read there") from exc
+    return token or None
 
 
 def connect(address: str | None) -> None:
@@ -278,7 +307,9 @@ def actor_device(requested: str) -> str:
     """
     import ray
 
-    if requested != "auto":
+    from pipeline.jobspec import AUTO
+
+    if requested != AUTO:
         return requested
     return "cuda" if ray.get_gpu_ids() else "cpu"
 

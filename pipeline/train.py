@@ -24,13 +24,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from pipeline.errors import PipelineError, SettingsError
-from pipeline.jobspec import JobSpec, Location, Source
+from pipeline.jobspec import TrainJob
 from pipeline.model import PAN, PANConfig
 from pipeline.storage import check_writable, join, list_files, read_bytes, upload_dir, write_bytes
 
@@ -38,40 +37,6 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 RUN_FILE = "run.json"
-
-
-class TrainJob(JobSpec):
-    """Every setting of a training run; the one place their defaults live."""
-
-    data: Source  # a folder, DIV2K zip, Parquet, imagefolder or hub id (see pipeline.datasets)
-    lr_data: Source | None = None  # the matching LR archive/folder (e.g. DIV2K_train_LR_bicubic_X2.zip)
-    scale: Literal[2, 3, 4]
-    name: str = Field(min_length=1, pattern=r"^[\w.-]+$")  # a folder name under storage
-    storage: Location = "runs"
-    workers: int = Field(default=1, ge=1)
-    gpu: bool = False
-    max_steps: int = Field(default=1000, ge=1)
-    batch_size: int = Field(default=32, ge=1)  # LR patches per step, over all workers
-    patch_size: int = Field(default=64, ge=8)
-    lr: float = Field(default=7e-4, gt=0)
-    min_lr: float = Field(default=1e-7, ge=0)
-    restart_every: int = Field(default=250_000, ge=1)  # cosine period in steps (PAN: 4 x 250k)
-    init_weights: Source | None = None  # fine-tune from anything from_pretrained loads
-    val_data: Source | None = None  # a benchmark set; Set5 is the usual choice
-    val_every: int = Field(default=500, ge=1)  # also the checkpoint period
-    ema_decay: float | None = Field(default=None, gt=0, lt=1)
-    five_crop: bool = False
-    loader_workers: int = Field(default=0, ge=0)
-    cache_images: int = Field(default=64, ge=0)
-    max_failures: int = Field(default=2, ge=0)
-    seed: int = 0
-    log_every: int = Field(default=10, ge=1)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    address: str | None = None
-
-    @property
-    def run_dir(self) -> str:
-        return join(self.storage, self.name)
 
 
 # -- inside each worker ---------------------------------------------------------------------------

@@ -20,53 +20,17 @@ import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from pipeline import sinks
 from pipeline.errors import DestinationError, InvalidImageError, PipelineError
-from pipeline.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image
-from pipeline.jobspec import JobSpec, Location, Source
+from pipeline.imaging import DecodedImage, decode_image, encode_image
+from pipeline.jobspec import UpscaleJob
 from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
 from pipeline.sources import COLLISION, InputUnit, collision_message, list_inputs, missing_sinks, read_unit
 from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
-from pipeline.tiling import check_tile
-
-
-class UpscaleJob(JobSpec):
-    """Every setting of an upscaling run; the one place their defaults live."""
-
-    source: Location
-    dest: Location
-    scale: Literal[2, 3, 4]
-    weights: Source | None = None  # None: the default hub weights (eugenesiow/pan)
-    format: Literal["png", "parquet", "both"] = "png"
-    image_column: str = "image"  # for Parquet shards
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    overwrite: bool = False  # redo every input, replacing our outputs (never files we did not write)
-    dest_inside_source: bool = False  # allow DEST under SOURCE; DEST's files are then not inputs
-    max_error_fraction: float | None = Field(default=None, ge=0, le=1)
-    device: str = "auto"  # where actors compute: auto (their GPU if given one), cpu, cuda
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    tile: int | None = Field(default=None, ge=0)  # None: automatic by memory; 0: whole image
-    actors: int | None = Field(default=None, ge=1)  # None: one per GPU, else by CPU count
-    actor_cpus: float = Field(default=0.5, gt=0)  # CPUs reserved per CPU actor (fractional)
-    images_per_batch: int = Field(default=4, ge=1)
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib 1: 4.5x faster than 6, files 14 % larger
-    address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
-
-    @field_validator("tile")
-    @classmethod
-    def _tile_in_range(cls, tile: int | None) -> int | None:
-        return tile if tile is None else check_tile(tile)
-
-    @property
-    def sinks(self) -> tuple[str, ...]:
-        return sinks.SINKS[self.format]
-
 
 # -- stages (each runs in Ray tasks/actors on batches: dict of column -> numpy array) ---------------
 
@@ -126,7 +90,7 @@ class UpscaleActor:
     def __init__(self, job: UpscaleJob, threads: int) -> None:
         import torch
 
-        from pipeline.engine import AUTO, Upscaler
+        from pipeline.engine import Upscaler
         from pipeline.weights import load_pretrained
 
         device = actor_device(job.device)
@@ -135,8 +99,7 @@ class UpscaleActor:
             # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
             torch.set_num_threads(threads)
         model = load_pretrained(job.weights, scale=job.scale, storage_options=job.storage_options)
-        tile = AUTO if job.tile is None else job.tile
-        self.upscaler = Upscaler(model, device=device, precision=job.precision, tile=tile)
+        self.upscaler = Upscaler(model, device=device, precision=job.precision, tile=job.tile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         rows = _rows(batch)

@@ -31,10 +31,10 @@ import torch
 
 from pipeline.errors import WeightsError
 from pipeline.hub import is_repo_id, unreachable_reason
-from pipeline.model import PAN, SCALES, PANConfig
+from pipeline.jobspec import DEFAULT_WEIGHTS, SCALES
+from pipeline.model import PAN, PANConfig
 from pipeline.storage import filesystem, read_bytes
 
-DEFAULT_SOURCE = "eugenesiow/pan"
 CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -298,7 +298,7 @@ def load_pretrained(
     """
     if scale not in SCALES:
         raise WeightsError(f"scale must be one of {SCALES}, got {scale}")
-    source = DEFAULT_SOURCE if source is None else os.fspath(source)
+    source = DEFAULT_WEIGHTS if source is None else os.fspath(source)
     located = _locate(source, scale, revision, cache_dir, storage_options or {})
     sha256 = hashlib.sha256(located.data).hexdigest()
     state = unwrap_state_dict(_deserialize(located), located.file)

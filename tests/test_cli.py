@@ -205,8 +205,8 @@ USER_ERRORS = {
     "tile of 1 px, eval": (["eval", "--data", "photos", "--scale", "4", "--weights", "x4.pth", "--tile", "1"],
                            "at least 32"),
     "no actors": (["upscale", "photos", "out", *W4, "--actors", "0"], "actors"),
-    "bad scale": (["upscale", "photos", "out", "--scale", "5"], "invalid choice"),
-    "bad JSON": (["upscale", "photos", "out", *W4, "--storage-options", "{"], "not JSON"),
+    "bad scale": (["upscale", "photos", "out", "--scale", "5"], "--scale: Input should be 2, 3 or 4"),
+    "bad JSON": (["upscale", "photos", "out", *W4, "--storage-options", "{"], "not valid YAML"),
     "unknown key in a spec": (["upscale", "photos", "out", "--config", "spec.yaml"], "spec.yaml"),
     # what is read
     "missing source": (["upscale", "nope", "out", *W4], "source not found"),

@@ -12,6 +12,7 @@ from pipeline.datasets import BenchmarkPair, PairSource, PatchDataset, div2k_url
 from pipeline.errors import DatasetError
 from pipeline.imaging import decode_image, encode_image, imresize
 from pipeline.imaging.codec import DecodedImage
+from pipeline.storage import write_bytes
 
 
 @pytest.fixture
@@ -324,3 +325,24 @@ def test_decoded_pairs_are_cached_per_process(bsds, decodes):
     uncached = PatchDataset(open_pairs(str(bsds), 2), 2, patch_size=16)
     uncached[0], uncached[0]
     assert len(decodes) == 7
+
+
+@pytest.mark.integration
+def test_a_benchmark_folder_at_a_url_reads_as_the_local_one(s3_server, benchmarks_dir):
+    """A cluster's driver has no local copy of Set5: the set in the folder layout on S3 is fetched."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="sets")
+    local = benchmarks_dir / "Set5"
+    for path in [
+        *(local / "HR").iterdir(),
+        *(local / "LR_bicubic/X2").iterdir(),
+        *(local / "LR_bicubic/X3").iterdir(),
+    ]:
+        write_bytes(f"s3://sets/bench/Set5/{path.relative_to(local).as_posix()}", path.read_bytes())
+    remote = open_pairs("s3://sets/bench/Set5", 2)
+    expected = open_pairs(str(local), 2)
+    assert remote.name == "Set5" and len(remote) == len(expected) == 5
+    for got, want in zip(remote, expected, strict=True):
+        assert got.name == want.name and np.array_equal(got.hr, want.hr) and np.array_equal(got.lr, want.lr)
+    assert pd._benchmark_copy("s3://sets/bench/nothing", 2) is None  # not a benchmark folder: datasets' turn

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.engine import Upscaler
 from pipeline.errors import DatasetError, PipelineError, WeightsError
-from pipeline.eval_job import EvalJob, evaluate_many
+from pipeline.eval_job import evaluate_many
 from pipeline.evaluate import evaluate, load_benchmark
 from pipeline.report import GAP, LABEL_HEIGHT
 from pipeline.weights import load_pretrained
@@ -132,23 +132,3 @@ def test_bad_weights_fail_before_any_ray_work(weights_dir, benchmarks_dir, monke
         evaluate_many(sources, [2, 3], str(weights_dir / "PANx2_DF2K.pth"))
     with pytest.raises(WeightsError):
         evaluate_many(sources, [2], str(weights_dir / "nope_x{scale}.pth"))
-
-
-def test_job_settings_are_checked(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    job = EvalJob(("a", "b", "./a"), (3, 2, 3), "w/PANx{scale}.pth")
-    # local paths are absolute (actors run elsewhere), repeats dropped; hub ids stay as they are
-    assert job.sources == (str(tmp_path / "a"), str(tmp_path / "b")) and job.scales == (3, 2)
-    assert job.weights_for(3) == str(tmp_path / "w/PANx3.pth")
-    assert EvalJob(("someone/set5",), (2,), "eugenesiow/pan").sources == ("someone/set5",)
-    assert EvalJob(("a",), (2,)).weights_for(2) is None
-    with pytest.raises(PipelineError, match="at least 32"):
-        EvalJob(("a",), (2,), tile=8)
-    with pytest.raises(PipelineError, match="at least one --data"):
-        EvalJob((), (2,))
-    with pytest.raises(PipelineError, match="scales must be among"):
-        EvalJob(("a",), (5,))
-    with pytest.raises(PipelineError, match="precision must be one of"):
-        EvalJob(("a",), (2,), precision="fp8")
-    with pytest.raises(PipelineError, match="actors must be at least 1"):
-        EvalJob(("a",), (2,), actors=0)

@@ -1,0 +1,255 @@
+"""``pan submit`` and ``pan jobs`` against a real Ray head with its job server on loopback, with
+token authentication on (as the cluster manifests set it); ids, attach rules and the shipped job
+without a cluster."""
+
+import datetime
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.jobspec import load_spec
+from pipeline.submit import LOCK_FILE, PROJECT_ROOT, staged_job, submission_id
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NIGHTLY = REPO / "jobs/nightly-upscale.yaml"
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """``ray start --head --block`` on free ports, token auth on; stopped by the pid it started.
+
+    Four logical CPUs on the 2-core machine: the driver of a job holds one (entrypoint_num_cpus),
+    and the pipeline needs whole CPUs for its decode/encode tasks beside its model actor."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    gcs, dashboard, *others = _free_ports(7)
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # jobs run `pan` from the head's PATH
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )
+    ports = dict(
+        zip(
+            [
+                "--dashboard-agent-listen-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+                "--ray-client-server-port",
+                "--dashboard-agent-grpc-port",
+            ],
+            others,
+            strict=True,
+        )
+    )
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--num-cpus=4",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
+    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/gcs_healthz", timeout=2).read()
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                pytest.fail(f"ray head did not start: {(Path(temp) / 'head.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield {"url": url, "gcs": f"127.0.0.1:{gcs}", "token": token}
+    head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pan(args, *, token=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token  # pan turns RAY_AUTH_MODE=token on for a configured token
+    return subprocess.run(
+        [str(BIN / "pan"), *map(str, args)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _images(benchmarks_dir: Path, folder: Path, n: int = 3) -> list[str]:
+    folder.mkdir()
+    names = []
+    for path in sorted((benchmarks_dir / "Set5/LR_bicubic/X4").iterdir())[:n]:
+        shutil.copy(path, folder / path.name)
+        names.append(path.stem)
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_submit_wait_upscales_and_a_second_submission_the_same_day_attaches(
+    ray_head, benchmarks_dir, weights_dir, tmp_path
+):
+    names = _images(benchmarks_dir, tmp_path / "in")
+    sets = [
+        f"source={tmp_path / 'in'}",
+        f"dest={tmp_path / 'out'}",
+        f"weights={weights_dir / 'PANx2_DF2K.pth'}",
+        "device=cpu",
+        "actors=1",
+    ]
+    args = ["submit", NIGHTLY, "--address", ray_head["url"], *(f"--set={s}" for s in sets)]
+    first = _pan([*args, "--wait"], token=ray_head["token"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = first.stdout.split("submitted ", 1)[1].split()[0]
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    assert job_id == submission_id(load_spec(NIGHTLY, [s.replace("'", "") for s in sets]), today)
+    assert job_id.endswith(f"-{today:%Y%m%d}")
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == names
+    rows = pq.read_table(tmp_path / "out/parquet", columns=["key"]).column("key").to_pylist()
+    assert sorted(Path(k).stem for k in rows) == names
+
+    again = _pan([*args, "--wait"], token=ray_head["token"])
+    assert again.returncode == 0, again.stderr
+    assert f"{job_id} was submitted before (SUCCEEDED): attached to it, no second job started" in again.stdout
+    listing = _pan(["jobs", "list", "--address", ray_head["url"]], token=ray_head["token"])
+    assert listing.returncode == 0 and listing.stdout.count(job_id) == 1, listing.stdout
+    status = _pan(["jobs", "status", job_id, "--address", ray_head["url"]], token=ray_head["token"])
+    assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
+    logs = _pan(["jobs", "logs", job_id, "--address", ray_head["url"]], token=ray_head["token"])
+    assert "3 inputs: 3 succeeded, 0 failed, 0 skipped" in logs.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_failing_job_exits_non_zero_with_its_log_tail_and_follow_streams(ray_head, tmp_path):
+    args = [
+        "submit",
+        NIGHTLY,
+        "--address",
+        ray_head["url"],
+        f"--set=source={tmp_path / 'missing'}",
+        f"--set=dest={tmp_path / 'out'}",
+    ]
+    failed = _pan([*args, "--wait"], token=ray_head["token"])
+    assert failed.returncode == 2, failed.stdout + failed.stderr  # the job's own exit code: a user error
+    assert "last" in failed.stderr and "source not found" in failed.stderr, failed.stderr
+    assert "FAILED" in failed.stderr
+    # Submitting a failed job again starts a second attempt, whose logs --follow streams.
+    retried = _pan([*args, "--follow"], token=ray_head["token"])
+    assert retried.returncode == 2 and "submitted " in retried.stdout
+    assert retried.stdout.split("submitted ", 1)[1].split()[0].endswith("-2")
+    assert "source not found" in retried.stdout  # streamed, not a tail
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bad_specs_and_tokens_fail_before_anything_is_submitted(ray_head, tmp_path):
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(NIGHTLY.read_text() + "tilee: 64\n")
+    bad = _pan(["submit", spec, "--address", ray_head["url"], "--wait"], token=ray_head["token"])
+    assert bad.returncode == 2 and "tilee: not a setting of upscale jobs" in bad.stderr, bad.stderr
+    no_token = _pan(["submit", NIGHTLY, "--address", ray_head["url"]])
+    assert no_token.returncode == 2 and "wants a token: set RAY_AUTH_TOKEN" in no_token.stderr, (
+        no_token.stderr
+    )
+    wrong = _pan(["jobs", "list", "--address", ray_head["url"]], token="0" * 64)
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr
+    listing = _pan(["jobs", "list", "--address", ray_head["url"]], token=ray_head["token"])
+    assert "typo" not in listing.stdout
+    nothing = _pan(["jobs", "status", "pan-nope", "--address", ray_head["url"]], token=ray_head["token"])
+    assert nothing.returncode == 2 and "no job pan-nope" in nothing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_address_runs_join_a_token_cluster(ray_head, benchmarks_dir, weights_dir, tmp_path):
+    names = _images(benchmarks_dir, tmp_path / "in", n=2)
+    args = [
+        "upscale",
+        tmp_path / "in",
+        tmp_path / "out",
+        "--scale=2",
+        f"--weights={weights_dir / 'PANx2_DF2K.pth'}",
+        "--device=cpu",
+        "--actors=1",
+        "--address",
+        ray_head["gcs"],
+    ]
+    done = _pan(args, token=ray_head["token"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == names
+
+
+def test_ids_name_the_spec_its_settings_and_the_day_of_scheduled_runs(tmp_path):
+    nightly = load_spec(NIGHTLY)
+    day = datetime.date(2026, 11, 26)
+    base = submission_id(nightly, day)
+    assert base.startswith("pan-nightly-upscale-") and base.endswith("-20261126")
+    assert submission_id(load_spec(NIGHTLY), day) == base  # deterministic
+    assert submission_id(nightly, day + datetime.timedelta(days=1)) != base
+    assert submission_id(load_spec(NIGHTLY, ["scale=3"]), day) != base
+    retrain = submission_id(load_spec(REPO / "jobs/retrain-x2.yaml"), day)
+    assert "2026" not in retrain  # not scheduled: one id for these settings, whatever the day
+
+
+def test_the_shipped_job_is_the_validated_spec(tmp_path):
+    spec = load_spec(NIGHTLY, ["source=s3://b/in", "scale=3"])
+    staging = tmp_path / "installed"
+    staging.mkdir()
+    command, env = staged_job(spec, "installed", staging)
+    assert command == "pan run nightly-upscale.yaml" and env == {"working_dir": str(staging)}
+    assert load_spec(staging / "nightly-upscale.yaml").job == spec.job
+
+    staging = tmp_path / "checkout"
+    staging.mkdir()
+    command, env = staged_job(spec, "working-dir", staging)
+    assert command == "python -m pipeline run nightly-upscale.yaml"
+    assert (staging / "pipeline/cli.py").is_file() and not (staging / ".venv").exists()
+    pins = (PROJECT_ROOT / LOCK_FILE).read_text()
+    assert env["pip"] and all(line in pins for line in env["pip"])
+    assert any(line.startswith("ray==") for line in env["pip"])
+    assert yaml.safe_load((staging / "nightly-upscale.yaml").read_text())["scale"] == 3
