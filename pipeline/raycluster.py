@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -282,8 +282,24 @@ def shutdown_on_exit() -> Iterator[None]:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized() and not already:
             ray.shutdown()
+            sys.unraisablehook = _after_shutdown(sys.unraisablehook)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
+
+
+def _after_shutdown(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops what Ray Data's iterators raise from ``__del__``
+    when they are collected after the shutdown ("Ray has not been started yet"): a Ctrl-C that
+    lands inside ``next()`` keeps the iterator alive in the traceback, past ``dataset_batches``'s
+    close. Everything else goes to ``hook``."""
+
+    def drop_ray_data_finalizers(unraisable: Any) -> None:
+        where = getattr(unraisable.object, "__module__", None) or ""
+        if type(unraisable.exc_value).__name__ == "RaySystemError" and where.startswith("ray.data"):
+            return
+        hook(unraisable)
+
+    return drop_ray_data_finalizers
 
 
 def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
