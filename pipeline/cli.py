@@ -1,5 +1,6 @@
-"""The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2,
-before any image is computed where it can be known before (``--debug`` adds the traceback).
+"""The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2
+(75 when another run holds the destination's lease: try later), before any image is computed
+where it can be known before (``--debug`` adds the traceback).
 Anything else is a bug and keeps its traceback. Ray's own logging stays hidden unless
 ``--verbose``."""
 
@@ -228,14 +229,23 @@ def _run_upscale(job) -> int:
     from pipeline.progress import JobProgress
     from pipeline.upscale import check_error_fraction, run_upscale
 
+    def waiting(holder) -> None:
+        print(f"pan: {job.dest} is held by {holder.describe()}; waiting for it", file=sys.stderr)
+
     with JobProgress("upscaling") as progress:
-        summary = run_upscale(job, on_progress=progress.update)
+        summary = run_upscale(job, on_progress=progress.update, on_lease_wait=waiting)
     print(
         f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
         f"{summary['skipped']} skipped; {summary['output_megapixels']:.1f} MP out in "
         f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s) -> {job.dest}"
     )
-    if summary["failed"]:
+    if summary["suspect"]:
+        print(
+            f"{summary['suspect']} outputs far from a bicubic upscale, flagged suspect "
+            "(see --min-psnr-vs-bicubic)",
+            file=sys.stderr,
+        )
+    if summary["failed"] or summary["suspect"]:
         print(f"errors table: {job.dest}/_errors", file=sys.stderr)
     check_error_fraction(job, summary)
     return 0
@@ -475,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
     except OSError as exc:  # missing, unreadable or unwritable files, local or remote
         if args.debug:
             traceback.print_exc()

@@ -177,7 +177,18 @@ class UpscaleJob(JobSpec):
     actor_cpus: ActorCpus = 0.5
     images_per_batch: int = Field(4, ge=1, description="images per model call of an actor")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="refuse inputs with more pixels")
+    min_psnr_vs_bicubic: float | None = Field(
+        15.0,
+        description="flag outputs further than this from a bicubic upscale (PSNR, dB) as suspect: "
+        "photos measure 22-40, noise PAN breaks on 4-11; null turns the check off",
+    )
     png_compress_level: PngLevel = PNG_COMPRESS_LEVEL
+    wait_for_lease: bool = Field(
+        False, description="wait while another run holds DEST's lease, instead of exiting with code 75"
+    )
+    lease_seconds: float = Field(
+        300, ge=10, description="how long DEST's lease lasts unless renewed (every third of it) by a live run"
+    )
     address: RayAddress = None
 
     @property

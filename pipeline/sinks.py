@@ -9,7 +9,8 @@ Layout under DEST:
   a run, since every failed input is retried;
 - ``_summary.json``: the counts and throughput of the last run;
 - ``_pan.json``: the destination record: it says the destination is ours and which scale and
-  weights made its outputs (``DestinationRecord``).
+  weights made its outputs (``DestinationRecord``);
+- ``_lease``: held by the run working on the destination (``pipeline.lease``).
 Every file appears under its final name only when complete (see ``pipeline.storage``).
 
 A destination is claimed before any work (``claim_dest``): a new or empty one gets a record; one
@@ -42,6 +43,7 @@ PARQUET_DIR = "parquet"
 ERRORS_DIR = "_errors"
 SUMMARY_NAME = "_summary.json"
 RECORD_NAME = "_pan.json"
+LEASE_NAME = "_lease"  # pipeline.lease: one run at a time
 log = logging.getLogger(__name__)
 
 PARQUET_SCHEMA = pa.schema(
@@ -58,6 +60,7 @@ PARQUET_SCHEMA = pa.schema(
         ("weights_sha256", pa.string()),
         ("png", pa.binary()),
         ("seconds", pa.float64()),
+        ("psnr_vs_bicubic", pa.float64()),  # the quality gate's measure (upscale.psnr_vs_bicubic)
     ]
 )
 ERRORS_SCHEMA = pa.schema(
@@ -151,7 +154,12 @@ def _some_visible_files(dest: str, storage_options: dict[str, Any] | None, limit
             for folder, dirs, files in fs.walk(root, topdown=True):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 rel = folder[len(root) :].strip("/")
-                found += [f"{rel}/{f}" if rel else f for f in sorted(files) if not f.startswith(".")]
+                ours = () if rel else (LEASE_NAME,)  # the lease is taken before the claim
+                found += [
+                    f"{rel}/{f}" if rel else f
+                    for f in sorted(files)
+                    if not f.startswith(".") and f not in ours
+                ]
                 if len(found) >= limit:
                     break
     except FileNotFoundError:  # gone while walked: nothing there

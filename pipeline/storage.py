@@ -145,6 +145,40 @@ def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | No
             raise
 
 
+EXCLUSIVE_CREATE = "local files (a hard link to a complete file) and S3 (a put with If-None-Match: *)"
+
+
+def create_exclusive(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+    """Write ``data`` to ``location`` only if nothing is there, atomically: True if this call
+    created it, False if it existed. Only storages with an atomic create qualify
+    (``EXCLUSIVE_CREATE``); any other is a ``StorageError``, since a check-then-write would let two
+    writers both believe they won."""
+    with reported(location, "create"):
+        fs, path = filesystem(location, storage_options)
+        if isinstance(fs, LocalFileSystem):
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                tmp.write_bytes(data)
+                os.link(tmp, target)  # fails if target exists; readers never see a partial file
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & {"s3", "s3a"}:
+            raise StorageError(
+                f"{location}: no atomic create on this storage; pan has one for {EXCLUSIVE_CREATE}"
+            )
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+
 def check_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
     """Prove that files can be written under the folder or prefix ``location`` (creating it if
     needed): write a small hidden probe file and delete it. One quick try on object stores, so a

@@ -28,6 +28,7 @@ from pipeline import sinks
 from pipeline.errors import DestinationError, InvalidImageError, PipelineError
 from pipeline.imaging import DecodedImage, decode_image, encode_image
 from pipeline.jobspec import UpscaleJob
+from pipeline.lease import Lease, LeaseRecord, new_run_id
 from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
 from pipeline.sources import COLLISION, InputUnit, collision_message, list_inputs, missing_sinks, read_unit
 from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
@@ -49,7 +50,7 @@ def _status(row: dict[str, Any]) -> str:
 
 
 def _fail(row: dict[str, Any], exc: BaseException) -> None:
-    row.update(error_type=type(exc).__name__, error=str(exc), image=None, data=b"")
+    row.update(error_type=type(exc).__name__, error=str(exc), image=None, input=None, data=b"")
 
 
 def read_stage(
@@ -62,7 +63,8 @@ def read_stage(
         for r in read_unit(unit_obj, sinks, image_column, storage_options):
             out.append(
                 {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
-                 "error_type": r.error_type, "error": r.error, "image": None, "seconds": 0.0,
+                 "error_type": r.error_type, "error": r.error, "image": None, "input": None, "seconds": 0.0,
+                 "psnr_vs_bicubic": float("nan"),
                  "input_width": 0, "input_height": 0, "input_mode": "", "output_width": 0, "output_height": 0}
             )  # fmt: skip
     return _batch(out)
@@ -108,6 +110,7 @@ class UpscaleActor:
                 continue
             start = time.perf_counter()
             try:
+                row["input"] = row["image"]  # for the quality gate, in the encode stage (CPU)
                 row["image"] = self.upscaler.upscale_image(row["image"])
             except (ValueError, TypeError, RuntimeError) as exc:  # e.g. an image too big for memory
                 _fail(row, exc)
@@ -116,17 +119,53 @@ class UpscaleActor:
         return _batch(rows)
 
 
-def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int) -> dict:
+def psnr_vs_bicubic(source: np.ndarray, output: np.ndarray) -> float:
+    """The quality gate's measure (not a paper metric, see ``pipeline.metrics`` for those): PSNR of
+    an output against Pillow's bicubic upscale of its input to the same size, over all channels,
+    with the peak of the pixels' dtype. Plausible outputs stay near bicubic; outputs PAN blew up and
+    clamping hid are far from it. Measured with the official weights (benchmarks/quality_gate.py):
+    Set5, Set14 and 20 BSDS200 photos at least 26.6 dB at x2 and 22.4 dB at x4 (medians 32.5 and
+    29.8); uniform and strong Gaussian noise, salt-and-pepper and a 1-px checkerboard 4-11 dB."""
+    from PIL import Image
+
+    height, width = output.shape[:2]
+    peak = float(np.iinfo(output.dtype).max)
+    planes = source[..., None] if source.ndim == 2 else source
+    bicubic = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(planes[..., c].astype(np.float32), "F").resize((width, height), Image.BICUBIC)
+            )
+            for c in range(planes.shape[2])
+        ],
+        axis=-1,
+    ).clip(0, peak)
+    mse = float(np.mean((bicubic - output.reshape(bicubic.shape).astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bool) -> dict:
     rows = _rows(batch)
     for row in rows:
         image = row["image"]
         if not isinstance(image, DecodedImage):
             continue
         start = time.perf_counter()
+        if gate:
+            row["psnr_vs_bicubic"] = psnr_vs_bicubic(row["input"].pixels, image.pixels)
+        row["input"] = None
         row.update(data=encode_image(image, "png", png_compress_level=png_compress_level), image=None)
         row.update(output_width=image.width, output_height=image.height)
         row["seconds"] += time.perf_counter() - start
     return _batch(rows)
+
+
+SUSPECT = "Suspect"  # error_type of outputs the quality gate flags (their status stays succeeded)
+
+
+def _suspect(row: dict[str, Any], job: UpscaleJob) -> bool:
+    value = row["psnr_vs_bicubic"]
+    return job.min_psnr_vs_bicubic is not None and value == value and value < job.min_psnr_vs_bicubic
 
 
 def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, weights_sha256: str) -> dict:
@@ -137,14 +176,23 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
     for row in done:
         if "png" in row["sinks"].split(","):
             sinks.write_png(job.dest, row["name"], row["data"], job.storage_options)
+    suspect = [r for r in done if _suspect(r, job)]
+    flagged = {id(r) for r in suspect}
     records = [
         {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
                               "output_width", "output_height", "seconds")},
+         "psnr_vs_bicubic": r["psnr_vs_bicubic"] if r["psnr_vs_bicubic"] == r["psnr_vs_bicubic"] else None,
          "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"]}
         for r in done if "parquet" in r["sinks"].split(",")
     ]  # fmt: skip
     if records:
         sinks.write_parquet_part(job.dest, records, job.storage_options)
+    for row in suspect:  # written all the same: a person decides
+        message = (
+            f"PSNR {row['psnr_vs_bicubic']:.1f} dB against bicubic, under --min-psnr-vs-bicubic "
+            f"{job.min_psnr_vs_bicubic:g}: PAN's output is likely garbage (noise, synthetic patterns)"
+        )
+        sinks.write_error(job.dest, row["key"], row["name"], SUSPECT, message, job.storage_options)
     for row in rows:
         if row["error_type"]:
             sinks.write_error(
@@ -154,7 +202,8 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
                 remove(join(job.dest, row["name"]), job.storage_options)
     return _batch(
         [
-            {"key": r["key"], "status": _status(r), "input_pixels": r["input_width"] * r["input_height"],
+            {"key": r["key"], "status": _status(r), "suspect": id(r) in flagged,
+             "input_pixels": r["input_width"] * r["input_height"],
              "output_pixels": r["output_width"] * r["output_height"], "seconds": r["seconds"]}
             for r in rows
         ]
@@ -197,21 +246,19 @@ def check_locations(job: UpscaleJob) -> str | None:
 class Preflight:
     """What the checks before a run established."""
 
-    record: sinks.DestinationRecord  # the destination's record, as claimed for this run
+    run: sinks.DestinationRecord  # the scale and weights of this run, to claim the destination with
     exclude: str | None  # the destination, relative to the source, when it lies inside it
 
 
 def preflight(job: UpscaleJob) -> Preflight:
     """Every check that needs no Ray, cheapest first; raises the ``PipelineError`` that names the
-    problem (see the module docstring). Claims the destination when all pass."""
+    problem (see the module docstring). The destination is claimed afterwards, under the lease."""
     exclude = check_locations(job)
     if not check_listable(job.source, job.storage_options):
         raise PipelineError(f"source not found: {job.source}")
     weights_id, weights_sha256 = _weights_identity(job)
     check_writable(job.dest, job.storage_options)
-    run = sinks.DestinationRecord(job.scale, weights_id, weights_sha256)
-    record = sinks.claim_dest(job.dest, run, overwrite=job.overwrite, storage_options=job.storage_options)
-    return Preflight(record, exclude)
+    return Preflight(sinks.DestinationRecord(job.scale, weights_id, weights_sha256), exclude)
 
 
 def plan(job: UpscaleJob, exclude: str | None = None) -> tuple[list[InputUnit], list[tuple[str, str]], int]:
@@ -284,8 +331,11 @@ def read_blocks(todo: list[InputUnit], actors: int) -> int:
     return max(1, min(len(todo), max(-(-len(todo) // per_task), 2 * actors)))
 
 
-def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weights_sha256: str):
-    """The lazy Ray Dataset: read -> decode -> PAN actors -> encode -> write, one status row per input."""
+def build_dataset(
+    job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any], weights_id: str, weights_sha256: str
+):
+    """The lazy Ray Dataset: read -> decode -> PAN actors (``model_pool``) -> encode -> write, one
+    status row per input."""
     import ray.data
 
     items = [
@@ -293,10 +343,10 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
          "written": json.dumps({s: sorted(names) for s, names in u.written.items()})}
         for u in todo
     ]  # fmt: skip
-    pool = model_pool(job, len(todo))
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
     write_args = {"job": job, "weights_id": weights_id, "weights_sha256": weights_sha256}
+    encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
     return (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
         .map_batches(read_stage, batch_size=None, fn_kwargs=read_args)  # a read task: one block
@@ -309,7 +359,7 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
             num_cpus=pool["num_cpus"],
             **per_image,
         )
-        .map_batches(encode_stage, fn_kwargs={"png_compress_level": job.png_compress_level}, **per_image)
+        .map_batches(encode_stage, fn_kwargs=encode_args, **per_image)
         .map_batches(write_stage, fn_kwargs=write_args, **per_image)
     )
 
@@ -317,16 +367,38 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], weights_id: str, weigh
 ProgressCallback = Callable[[Counter, int, "int | None"], None]
 
 
-def run_upscale(job: UpscaleJob, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+def run_upscale(
+    job: UpscaleJob,
+    on_progress: ProgressCallback | None = None,
+    on_lease_wait: Callable[[LeaseRecord], None] | None = None,
+) -> dict[str, Any]:
     """Run the job; returns the summary (also written to ``DEST/_summary.json``).
 
     ``on_progress(counts, output_pixels, total)``: after each finished batch, the inputs by status
     (succeeded, failed, skipped), the output pixels so far and the number of inputs (None when
-    shards hold an unknown number).
+    shards hold an unknown number). ``on_lease_wait(holder)``: once, when ``wait_for_lease`` waits
+    for another run (see ``pipeline.lease``).
     """
-
     started = time.perf_counter()
     checked = preflight(job)
+    lease = Lease(
+        join(job.dest, sinks.LEASE_NAME),
+        new_run_id(),
+        ttl_s=job.lease_seconds,
+        wait=job.wait_for_lease,
+        on_wait=on_lease_wait,
+        storage_options=job.storage_options,
+    )
+    with lease:
+        return _run_leased(job, checked, lease, started, on_progress)
+
+
+def _run_leased(
+    job: UpscaleJob, checked: Preflight, lease: Lease, started: float, on_progress: ProgressCallback | None
+) -> dict[str, Any]:
+    record = sinks.claim_dest(
+        job.dest, checked.run, overwrite=job.overwrite, storage_options=job.storage_options
+    )
     todo, collisions, skipped = plan(job, checked.exclude)
     if todo:
         connect(job.address)
@@ -334,36 +406,65 @@ def run_upscale(job: UpscaleJob, on_progress: ProgressCallback | None = None) ->
     for key, name in collisions:
         sinks.write_error(job.dest, key, name, COLLISION, collision_message(key, name), job.storage_options)
     counts = Counter(succeeded=0, failed=len(collisions), skipped=skipped)
+    actor_hours = {"gpu": 0.0, "cpu": 0.0}
     pixels = Counter()
     total = None if any(u.kind != "image" for u in todo) else skipped + len(collisions) + len(todo)
     if on_progress:
         on_progress(counts, 0, total)
     if todo:
         data_context()
-        weights = checked.record
-        ds = build_dataset(job, todo, weights.weights_id, weights.weights_sha256)
+        pool = model_pool(job, len(todo))
+        ds = build_dataset(job, todo, pool, record.weights_id, record.weights_sha256)
+        computing = time.perf_counter()
         with dataset_batches(ds) as batches:
             for batch in batches:
+                lease.check()
                 counts.update(batch["status"].tolist())
+                counts["suspect"] += int(batch["suspect"].sum())
                 pixels.update(
                     input=int(batch["input_pixels"].sum()), output=int(batch["output_pixels"].sum())
                 )
                 if on_progress:
                     on_progress(counts, pixels["output"], total)
+        hours = (time.perf_counter() - computing) / 3600
+        per_actor_cpus = pool["num_cpus"] if pool["num_gpus"] else pool["threads"]
+        actor_hours = {
+            "gpu": pool["size"] * pool["num_gpus"] * hours,
+            "cpu": pool["size"] * per_actor_cpus * hours,
+        }
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["succeeded"] + counts["failed"] + counts["skipped"],
         "succeeded": counts["succeeded"],
         "failed": counts["failed"],
         "skipped": counts["skipped"],
+        "suspect": counts["suspect"],  # succeeded, but flagged by the quality gate (see _errors)
         "input_megapixels": pixels["input"] / 1e6,
         "output_megapixels": pixels["output"] / 1e6,
         "seconds": seconds,
         "output_megapixels_per_second": pixels["output"] / 1e6 / seconds if seconds else 0.0,
+        **_cost(pixels["output"] / 1e6, actor_hours),
     }
+    lease.check()
     sinks.write_summary(job.dest, summary, job.storage_options)
-    sinks.finish_dest(job.dest, checked.record, job.storage_options)
+    sinks.finish_dest(job.dest, record, job.storage_options)
     return summary
+
+
+def _cost(output_megapixels: float, actor_hours: dict[str, float]) -> dict[str, float | None]:
+    """What the model actors held while the images flowed: GPU- and CPU-hours (the CPUs a GPU actor
+    reserves, or the cores a CPU actor computes on), and output megapixels per such hour, so that a
+    nightly report can price a megapixel. None where no such hour was held."""
+    return {
+        "actor_gpu_hours": actor_hours["gpu"],
+        "actor_cpu_hours": actor_hours["cpu"],
+        "output_megapixels_per_gpu_hour": output_megapixels / actor_hours["gpu"]
+        if actor_hours["gpu"]
+        else None,
+        "output_megapixels_per_cpu_hour": output_megapixels / actor_hours["cpu"]
+        if actor_hours["cpu"]
+        else None,
+    }
 
 
 def check_error_fraction(job: UpscaleJob, summary: dict[str, Any]) -> None:

@@ -293,3 +293,26 @@ def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir
     assert not (dest / "_pan.json").exists()
     (dest / "d0/babyx4.png").unlink()
     assert run_upscale(job)["succeeded"] == 5  # an empty folder (hidden files aside) is fine
+
+
+def test_outputs_far_from_bicubic_are_flagged_suspect_but_kept(
+    local_ray, benchmarks_dir, weights_dir, tmp_path
+):
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted((benchmarks_dir / "Set5/LR_bicubic/X2").glob("*.png"))[:2]:
+        shutil.copy(p, src / p.name)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    (src / "noise.png").write_bytes(_png(Image.fromarray(noise)))
+    dest = tmp_path / "out"
+    job = UpscaleJob(source=str(src), dest=str(dest), scale=2, weights=str(weights_dir / "PANx2_DF2K.pth"),
+                     format="both", device="cpu", actors=1)  # fmt: skip
+    summary = run_upscale(job)
+    assert (summary["succeeded"], summary["failed"], summary["suspect"]) == (3, 0, 1)
+    assert _errors(dest) == {"noise.png": "Suspect"} and (dest / "noise.png").exists()
+    table = pq.read_table(dest / "parquet", columns=["key", "psnr_vs_bicubic"]).to_pylist()
+    scores = {row["key"]: row["psnr_vs_bicubic"] for row in table}
+    assert scores["noise.png"] < 15 < min(v for k, v in scores.items() if k != "noise.png")
+    # The gate off: nothing measured, nothing flagged.
+    off = run_upscale(job.model_copy(update={"dest": str(tmp_path / "off"), "min_psnr_vs_bicubic": None}))
+    assert off["suspect"] == 0 and not (tmp_path / "off/_errors").exists()

@@ -73,7 +73,7 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     dest = tmp_path / "out"
     argv = [PAN_BIN, "upscale", str(many_inputs), str(dest), "--scale", "2"]
     argv += ["--weights", str(weights_dir / "PANx2_DF2K.pth")]
-    run = _start_and_wait_for_outputs(argv, dest, 5)
+    run = _start_and_wait_for_outputs([*argv, "--lease-seconds", "10"], dest, 5)
     assert _ray_processes_of(run.pid)  # the embedded Ray is up
     os.kill(run.pid, signal.SIGKILL)  # the driver alone: what it started must not outlive it
     run.communicate()
@@ -82,7 +82,8 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     inputs = len(list(many_inputs.rglob("*.png")))
     assert 5 <= partial < inputs
 
-    again = subprocess.run(argv, capture_output=True, text=True)
+    # The killed run could not give its lease back: the next one waits for it to expire.
+    again = subprocess.run([*argv, "--wait-for-lease"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     outputs = _outputs(dest)
     assert len(outputs) == len(set(outputs)) == inputs
