@@ -61,11 +61,16 @@ PARQUET_SCHEMA = pa.schema(
         ("png", pa.binary()),
         ("seconds", pa.float64()),
         ("psnr_vs_bicubic", pa.float64()),  # the quality gate's measure (upscale.psnr_vs_bicubic)
+        # Lineage: which bytes, weights (above), code and run made the output.
+        ("input_sha256", pa.string()),
+        ("package_version", pa.string()),
+        ("run_id", pa.string()),
     ]
 )
 ERRORS_SCHEMA = pa.schema(
-    [("key", pa.string()), ("name", pa.string()), ("error_type", pa.string()), ("message", pa.string())]
-)
+    [("key", pa.string()), ("name", pa.string()), ("error_type", pa.string()), ("message", pa.string()),
+     ("input_sha256", pa.string()), ("run_id", pa.string())]
+)  # fmt: skip
 
 
 def _digest(text: str) -> str:
@@ -245,18 +250,13 @@ def write_parquet_part(
     return part
 
 
-def write_error(
-    dest: str,
-    key: str,
-    name: str,
-    error_type: str,
-    message: str,
-    storage_options: dict[str, Any] | None = None,
-) -> None:
-    table = pa.Table.from_pylist(
-        [{"key": key, "name": name, "error_type": error_type, "message": message}], schema=ERRORS_SCHEMA
+def write_error(dest: str, error: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """One row of the errors table: ``error`` holds ERRORS_SCHEMA's fields (``input_sha256`` may
+    be None: the bytes could not be read)."""
+    table = pa.Table.from_pylist([error], schema=ERRORS_SCHEMA)
+    write_bytes(
+        join(dest, f"{ERRORS_DIR}/{_digest(error['key'])}.parquet"), _table_bytes(table), storage_options
     )
-    write_bytes(join(dest, f"{ERRORS_DIR}/{_digest(key)}.parquet"), _table_bytes(table), storage_options)
 
 
 def write_summary(dest: str, summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:

@@ -15,6 +15,7 @@ weights load at the scale; the destination takes a write and is ours, made with 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import posixpath
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import sinks
+from pipeline import __version__, sinks
 from pipeline.errors import DestinationError, InvalidImageError, PipelineError
 from pipeline.imaging import DecodedImage, decode_image, encode_image
 from pipeline.jobspec import UpscaleJob
@@ -63,6 +64,7 @@ def read_stage(
         for r in read_unit(unit_obj, sinks, image_column, storage_options):
             out.append(
                 {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
+                 "input_sha256": hashlib.sha256(r.data).hexdigest() if r.data else "",
                  "error_type": r.error_type, "error": r.error, "image": None, "input": None, "seconds": 0.0,
                  "psnr_vs_bicubic": float("nan"),
                  "input_width": 0, "input_height": 0, "input_mode": "", "output_width": 0, "output_height": 0}
@@ -168,7 +170,14 @@ def _suspect(row: dict[str, Any], job: UpscaleJob) -> bool:
     return job.min_psnr_vs_bicubic is not None and value == value and value < job.min_psnr_vs_bicubic
 
 
-def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, weights_sha256: str) -> dict:
+def _error(row: dict[str, Any], run_id: str, error_type: str, message: str) -> dict[str, Any]:
+    return {"key": row["key"], "name": row["name"], "error_type": error_type, "message": message,
+            "input_sha256": row["input_sha256"] or None, "run_id": run_id}  # fmt: skip
+
+
+def write_stage(
+    batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, weights_sha256: str, run_id: str
+) -> dict:
     """Write each finished row to the sinks it still lacks; errors to the errors table. A sink that
     cannot be written raises ``StorageError``, which ends the run with one line."""
     rows = _rows(batch)
@@ -182,7 +191,8 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
         {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
                               "output_width", "output_height", "seconds")},
          "psnr_vs_bicubic": r["psnr_vs_bicubic"] if r["psnr_vs_bicubic"] == r["psnr_vs_bicubic"] else None,
-         "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"]}
+         "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"],
+         "input_sha256": r["input_sha256"], "package_version": __version__, "run_id": run_id}
         for r in done if "parquet" in r["sinks"].split(",")
     ]  # fmt: skip
     if records:
@@ -192,11 +202,11 @@ def write_stage(batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, 
             f"PSNR {row['psnr_vs_bicubic']:.1f} dB against bicubic, under --min-psnr-vs-bicubic "
             f"{job.min_psnr_vs_bicubic:g}: PAN's output is likely garbage (noise, synthetic patterns)"
         )
-        sinks.write_error(job.dest, row["key"], row["name"], SUSPECT, message, job.storage_options)
+        sinks.write_error(job.dest, _error(row, run_id, SUSPECT, message), job.storage_options)
     for row in rows:
         if row["error_type"]:
             sinks.write_error(
-                job.dest, row["key"], row["name"], row["error_type"], row["error"], job.storage_options
+                job.dest, _error(row, run_id, row["error_type"], row["error"]), job.storage_options
             )
             if job.overwrite and "png" in job.sinks:  # no output made now: none of the old settings stays
                 remove(join(job.dest, row["name"]), job.storage_options)
@@ -332,7 +342,7 @@ def read_blocks(todo: list[InputUnit], actors: int) -> int:
 
 
 def build_dataset(
-    job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any], weights_id: str, weights_sha256: str
+    job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any], record: sinks.DestinationRecord, run_id: str
 ):
     """The lazy Ray Dataset: read -> decode -> PAN actors (``model_pool``) -> encode -> write, one
     status row per input."""
@@ -345,7 +355,12 @@ def build_dataset(
     ]  # fmt: skip
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
-    write_args = {"job": job, "weights_id": weights_id, "weights_sha256": weights_sha256}
+    write_args = {
+        "job": job,
+        "weights_id": record.weights_id,
+        "weights_sha256": record.weights_sha256,
+        "run_id": run_id,
+    }
     encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
     return (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
@@ -396,6 +411,7 @@ def run_upscale(
 def _run_leased(
     job: UpscaleJob, checked: Preflight, lease: Lease, started: float, on_progress: ProgressCallback | None
 ) -> dict[str, Any]:
+    run_id = lease.run_id
     record = sinks.claim_dest(
         job.dest, checked.run, overwrite=job.overwrite, storage_options=job.storage_options
     )
@@ -404,7 +420,8 @@ def _run_leased(
         connect(job.address)
     sinks.prepare_dest(job.dest, job.sinks, overwrite=job.overwrite, storage_options=job.storage_options)
     for key, name in collisions:
-        sinks.write_error(job.dest, key, name, COLLISION, collision_message(key, name), job.storage_options)
+        error = {"key": key, "name": name, "error_type": COLLISION, "message": collision_message(key, name)}
+        sinks.write_error(job.dest, {**error, "input_sha256": None, "run_id": run_id}, job.storage_options)
     counts = Counter(succeeded=0, failed=len(collisions), skipped=skipped)
     actor_hours = {"gpu": 0.0, "cpu": 0.0}
     pixels = Counter()
@@ -414,7 +431,7 @@ def _run_leased(
     if todo:
         data_context()
         pool = model_pool(job, len(todo))
-        ds = build_dataset(job, todo, pool, record.weights_id, record.weights_sha256)
+        ds = build_dataset(job, todo, pool, record, run_id)
         computing = time.perf_counter()
         with dataset_batches(ds) as batches:
             for batch in batches:
@@ -434,6 +451,7 @@ def _run_leased(
         }
     seconds = time.perf_counter() - started
     summary = {
+        "run_id": run_id,
         "inputs": counts["succeeded"] + counts["failed"] + counts["skipped"],
         "succeeded": counts["succeeded"],
         "failed": counts["failed"],

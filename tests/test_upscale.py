@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pipeline
 from pipeline.cli import main
 from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
@@ -313,6 +314,19 @@ def test_outputs_far_from_bicubic_are_flagged_suspect_but_kept(
     table = pq.read_table(dest / "parquet", columns=["key", "psnr_vs_bicubic"]).to_pylist()
     scores = {row["key"]: row["psnr_vs_bicubic"] for row in table}
     assert scores["noise.png"] < 15 < min(v for k, v in scores.items() if k != "noise.png")
+    # Lineage: which bytes, weights, code and run made each output (and each flagged one).
+    columns = ["key", "input_sha256", "weights_sha256", "package_version", "run_id"]
+    for row in pq.read_table(dest / "parquet", columns=columns).to_pylist():
+        assert row["input_sha256"] == hashlib.sha256((src / row["key"]).read_bytes()).hexdigest()
+        assert (
+            row["weights_sha256"] == hashlib.sha256((weights_dir / "PANx2_DF2K.pth").read_bytes()).hexdigest()
+        )
+        assert (row["package_version"], row["run_id"]) == (pipeline.__version__, summary["run_id"])
+    (flagged,) = pq.read_table(dest / "_errors").to_pylist()
+    assert (
+        flagged["run_id"] == summary["run_id"]
+        and flagged["input_sha256"] == hashlib.sha256((src / "noise.png").read_bytes()).hexdigest()
+    )
     # The gate off: nothing measured, nothing flagged.
     off = run_upscale(job.model_copy(update={"dest": str(tmp_path / "off"), "min_psnr_vs_bicubic": None}))
     assert off["suspect"] == 0 and not (tmp_path / "off/_errors").exists()
