@@ -13,18 +13,13 @@ import os
 import signal
 import sys
 import traceback
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pipeline.errors import DestinationError, PipelineError
 
 EXIT_USER_ERROR = 2
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _converter(annotation: Any, metadata: list[Any]) -> Callable[[str], Any]:
@@ -56,6 +51,8 @@ def _add_settings(
     unless ``defaults``: then they take the field's default (commands without a spec file)."""
     from pydantic_core import PydanticUndefined
 
+    from pipeline.jobspec import flag, options_of
+
     for name in names or job_class.model_fields:
         field = job_class.model_fields[name]
         help_text = (field.description or "").replace("%", "%%")
@@ -64,8 +61,7 @@ def _add_settings(
                                 help=help_text)  # fmt: skip
             continue
         annotation = field.annotation
-        union = get_origin(annotation) in (Union, types.UnionType)
-        options = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+        options = options_of(annotation)
         kwargs: dict[str, Any] = {"required": name in required}
         default = field.get_default(call_default_factory=True)
         kwargs["default"] = default if defaults else argparse.SUPPRESS
@@ -89,7 +85,7 @@ def _add_settings(
                 kwargs["metavar"] = f"{'|'.join(map(str, literals))}|{name.upper()}"
             elif get_origin(options[0]) is dict:
                 kwargs["metavar"] = "JSON"
-        parser.add_argument(_flag(name), help=help_text, **kwargs)
+        parser.add_argument(flag(name), help=help_text, **kwargs)
 
 
 def _settings(args: argparse.Namespace, job_class: type) -> dict[str, Any]:

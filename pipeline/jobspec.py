@@ -351,10 +351,21 @@ def _unknown(job_class: type[JobSpec], key: str) -> str:
     return f"{key}: not a setting of {job_class.kind} jobs{hint}"
 
 
+def flag(key: str) -> str:
+    """The command-line flag of a setting: ``max_pixels`` -> ``--max-pixels``."""
+    return "--" + key.replace("_", "-")
+
+
+def options_of(annotation: Any) -> list[Any]:
+    """The types a field takes, None aside: ``int | Literal["auto"] | None`` -> ``[int, Literal["auto"]]``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
 def _is_text(annotation: Any) -> bool:
     """Whether a field takes text as it is (paths, names), not parsed as YAML."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    return any((get_args(o)[0] if get_origin(o) is Annotated else o) is str for o in options)
+    return any((get_args(o)[0] if get_origin(o) is Annotated else o) is str for o in options_of(annotation))
 
 
 def coerce_setting(annotation: Any, metadata: list[Any], text: str) -> Any:
@@ -401,6 +412,6 @@ def build_job(job_class: type[JobSpec], settings: dict[str, Any], path: str | Pa
         if error["type"] == "extra_forbidden":
             raise SettingsError(f"{where}: {_unknown(job_class, str(error['loc'][0]))}") from exc
         if error["type"] == "missing":
-            hint = f" (--{key.replace('_', '-')})" if path is None else ""
+            hint = f" ({flag(key)})" if path is None else ""
             raise SettingsError(f"{where}: {key} is required{hint}") from exc
         raise SettingsError(f"{where}: {key}: {_first_error(exc)}") from exc

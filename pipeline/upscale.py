@@ -66,7 +66,7 @@ def read_stage(
                 {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
                  "input_sha256": hashlib.sha256(r.data).hexdigest() if r.data else "",
                  "error_type": r.error_type, "error": r.error, "image": None, "input": None, "seconds": 0.0,
-                 "psnr_vs_bicubic": float("nan"),
+                 "psnr_vs_bicubic": None,
                  "input_width": 0, "input_height": 0, "input_mode": "", "output_width": 0, "output_height": 0}
             )  # fmt: skip
     return _batch(out)
@@ -165,9 +165,16 @@ def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bo
 SUSPECT = "Suspect"  # error_type of outputs the quality gate flags (their status stays succeeded)
 
 
-def _suspect(row: dict[str, Any], job: UpscaleJob) -> bool:
+def _measured(row: dict[str, Any]) -> float | None:
+    """The row's ``psnr_vs_bicubic``, or None when not measured (the gate is off, no output).
+    Ray Data may hand an all-None column on as NaN, so NaN means not measured too."""
     value = row["psnr_vs_bicubic"]
-    return job.min_psnr_vs_bicubic is not None and value == value and value < job.min_psnr_vs_bicubic
+    return None if value is None or value != value else float(value)
+
+
+def _suspect(row: dict[str, Any], job: UpscaleJob) -> bool:
+    value = _measured(row)
+    return value is not None and value < job.min_psnr_vs_bicubic
 
 
 def _error(row: dict[str, Any], run_id: str, error_type: str, message: str) -> dict[str, Any]:
@@ -176,7 +183,7 @@ def _error(row: dict[str, Any], run_id: str, error_type: str, message: str) -> d
 
 
 def write_stage(
-    batch: dict[str, np.ndarray], job: UpscaleJob, weights_id: str, weights_sha256: str, run_id: str
+    batch: dict[str, np.ndarray], job: UpscaleJob, record: sinks.DestinationRecord, run_id: str
 ) -> dict:
     """Write each finished row to the sinks it still lacks; errors to the errors table. A sink that
     cannot be written raises ``StorageError``, which ends the run with one line."""
@@ -190,8 +197,8 @@ def write_stage(
     records = [
         {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
                               "output_width", "output_height", "seconds")},
-         "psnr_vs_bicubic": r["psnr_vs_bicubic"] if r["psnr_vs_bicubic"] == r["psnr_vs_bicubic"] else None,
-         "scale": job.scale, "weights_id": weights_id, "weights_sha256": weights_sha256, "png": r["data"],
+         "psnr_vs_bicubic": _measured(r), "scale": job.scale, "weights_id": record.weights_id,
+         "weights_sha256": record.weights_sha256, "png": r["data"],
          "input_sha256": r["input_sha256"], "package_version": __version__, "run_id": run_id}
         for r in done if "parquet" in r["sinks"].split(",")
     ]  # fmt: skip
@@ -355,12 +362,7 @@ def build_dataset(
     ]  # fmt: skip
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
-    write_args = {
-        "job": job,
-        "weights_id": record.weights_id,
-        "weights_sha256": record.weights_sha256,
-        "run_id": run_id,
-    }
+    write_args = {"job": job, "record": record, "run_id": run_id}
     encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
     return (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
