@@ -232,13 +232,20 @@ def _run_upscale(job) -> int:
         summary = run_upscale(job, on_progress=progress.update, on_lease_wait=waiting)
     print(
         f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
-        f"{summary['skipped']} skipped; {summary['output_megapixels']:.1f} MP out in "
+        f"{summary['skipped']} skipped, {summary['given_up']} given up; "
+        f"{summary['output_megapixels']:.1f} MP out in "
         f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s) -> {job.dest}"
     )
     if summary["suspect"]:
         print(
             f"{summary['suspect']} outputs far from a bicubic upscale, flagged suspect "
             "(see --min-psnr-vs-bicubic)",
+            file=sys.stderr,
+        )
+    if summary["given_up"]:
+        print(
+            f"{summary['given_up']} inputs failed --max-attempts {job.max_attempts} times and were not tried "
+            f"again: pan runs {job.dest} --failed",
             file=sys.stderr,
         )
     if summary["failed"] or summary["suspect"]:
@@ -349,6 +356,49 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``pan runs DEST``: the runs of a destination's ledger with their counts; ``--failed``: the
+    inputs whose last attempt failed."""
+    from pipeline.lease import Lease
+    from pipeline.ledger import failed_inputs, run_rows
+    from pipeline.sinks import LEASE_NAME, read_record
+    from pipeline.storage import join, resolve_location
+
+    dest = resolve_location(args.dest)
+    options = getattr(args, "storage_options", None) or {}
+    record = read_record(dest, options)
+    if record is None:
+        raise PipelineError(f"{args.dest} is not a destination of pan upscale (no _pan.json)")
+    if args.failed:
+        rows = failed_inputs(dest, record.ledger_since, options)
+        print("|input|attempts|error|last run|")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(
+                f"|{r['key']}|{r['attempts']}|{r['error_type']}: {_one_line(r['error'] or '')}|{r['run_id']}|"
+            )
+        print(f"{len(rows)} inputs failed at their last attempt", file=sys.stderr)
+        return 0
+    holder = Lease(join(dest, LEASE_NAME), "", storage_options=options).holder()
+    print("|run|state|succeeded|failed|skipped|given up|suspect|output MP|seconds|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in run_rows(dest, options):
+        state = (
+            "finished"
+            if r["finished"]
+            else "running"
+            if holder and holder.run_id == r["run_id"]
+            else "killed"
+        )
+        if record.ledger_since and r["run_id"] < record.ledger_since:
+            state += " (before an --overwrite)"
+        cells = [r.get(k, "") for k in ("succeeded", "failed", "skipped", "given_up", "suspect")]
+        mp, seconds = r.get("output_megapixels"), r.get("seconds")
+        extra = [f"{mp:.1f}" if mp is not None else "", f"{seconds:.0f}" if seconds is not None else ""]
+        print("|" + "|".join([r["run_id"], state, *map(str, cells), *extra]) + "|")
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from pipeline.weights import KNOWN_WEIGHTS
 
@@ -454,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends")
     p.set_defaults(handler=cmd_jobs)
+
+    p = sub.add_parser(
+        "runs", parents=[common], help="the runs of an upscale destination (its ledger) and their counts"
+    )
+    p.add_argument("dest", metavar="DEST", help="the destination folder or URL of pan upscale")
+    p.add_argument("--failed", action="store_true", help="list the inputs whose last attempt failed")
+    _add_settings(p, UpscaleJob, ("storage_options",))
+    p.set_defaults(handler=cmd_runs)
 
     p = sub.add_parser("weights", parents=[common], help="list the known published weights")
     p.set_defaults(handler=cmd_weights)

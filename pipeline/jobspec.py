@@ -183,6 +183,22 @@ class UpscaleJob(JobSpec):
         "photos measure 22-40, noise PAN breaks on 4-11; null turns the check off",
     )
     png_compress_level: PngLevel = PNG_COMPRESS_LEVEL
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="runs that try a failing input before it is reported as failed for good and skipped",
+    )
+    parquet_part_rows: int = Field(10_000, ge=1, description="rows per Parquet part, at most")
+    parquet_part_bytes: int = Field(
+        128 * 2**20,
+        ge=1,
+        description="bytes of PNG per Parquet part, about (a part closes when it is past this)",
+    )
+    rescan_dest: bool = Field(
+        False,
+        description="find finished outputs by listing DEST and reading its Parquet names instead of trusting "
+        "its run ledger (after outputs were deleted or moved by hand); slow on big destinations",
+    )
     wait_for_lease: bool = Field(
         False, description="wait while another run holds DEST's lease, instead of exiting with code 75"
     )

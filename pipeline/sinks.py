@@ -1,13 +1,20 @@
 """Where a batch job's results go, named from the inputs so that runs are idempotent.
 
-Layout under DEST:
-- ``<name>``: the PNG tree (``name`` = input key with extension ``.png``), format ``png``/``both``;
-- ``parquet/part-<hash>.parquet``: one row per image (format ``parquet``/``both``), see ``PARQUET_SCHEMA``;
-  the hash is of the names the file holds, so a re-run writing the same images writes the same file;
-- ``_errors/<hash>.parquet``: one file per failed input (``key, name, error_type, message``), so
-  ``pyarrow.parquet.read_table(DEST + "/_errors")`` is the errors table; cleared at the start of
-  a run, since every failed input is retried;
-- ``_summary.json``: the counts and throughput of the last run;
+Layout under DEST (this module owns it, names included):
+- ``<name>``: the PNG tree, format ``png``/``both``. ``name`` comes from the input's key
+  (``output_name``): ``sub/photo.jpg`` -> ``sub/photo.png``; a member ``m.jpg`` of shard
+  ``sub/s.tar`` (or ``.parquet``) -> ``sub/s/m.png``.
+- ``parquet/part-<run id>-<n>.parquet``: one row per output (format ``parquet``/``both``), see
+  ``PARQUET_SCHEMA``, in parts of up to ``parquet_part_rows`` rows or about ``parquet_part_bytes``
+  (``PartBuffer``). A part is named by the run and its commit number, and each output's row is in
+  exactly one part: the run ledger says which (``pipeline.ledger``). An input that changed since it
+  was upscaled gets a new row from the run that redid it; the older row stays, with its own
+  ``input_sha256`` and ``run_id``, so the latest ``run_id`` per ``name`` is the current one.
+- ``_errors/<run id>-<n>.parquet``: the errors table (``ERRORS_SCHEMA``), one file per commit, kept
+  across runs: ``pyarrow.parquet.read_table(DEST + "/_errors")`` is every run's failures and
+  quality-gate flags.
+- ``_runs/<run id>/``: the run ledger (``pipeline.ledger``): what each run took and did.
+- ``_summary.json``: the counts, throughput and cost of the last run;
 - ``_pan.json``: the destination record: it says the destination is ours and which scale and
   weights made its outputs (``DestinationRecord``);
 - ``_lease``: held by the run working on the destination (``pipeline.lease``).
@@ -24,10 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +43,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DestinationError
-from pipeline.storage import filesystem, join, list_files, read_bytes, remove, reported, write_bytes
+from pipeline.storage import filesystem, is_url, join, list_files, read_bytes, remove, reported, write_bytes
 
 SINKS = {"png": ("png",), "parquet": ("parquet",), "both": ("png", "parquet")}  # format -> sinks
 PARQUET_DIR = "parquet"
 ERRORS_DIR = "_errors"
+RUNS_DIR = "_runs"  # pipeline.ledger
 SUMMARY_NAME = "_summary.json"
 RECORD_NAME = "_pan.json"
 LEASE_NAME = "_lease"  # pipeline.lease: one run at a time
@@ -73,20 +81,32 @@ ERRORS_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+def output_name(key: str, shard: str | None = None) -> str:
+    """The output name of an input: for an image file, ``key`` (its path under the source) with
+    extension ``.png``; for a member of ``shard``, ``key`` is the member's path as the shard names
+    it, and the name lies under ``shard_prefix(shard)``."""
+    stem = posixpath.splitext(key)[0] + ".png"
+    return shard_prefix(shard) + stem if shard is not None else stem
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def shard_prefix(shard: str) -> str:
+    """The folder of a shard's outputs: ``sub/s.tar`` -> ``sub/s/``."""
+    return posixpath.splitext(shard)[0] + "/"
+
+
+def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
+    """``table`` as the bytes of a Parquet file (``options``: ``pyarrow.parquet.write_table``'s)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, **options)
     return buffer.getvalue()
 
 
 def existing_outputs(
     dest: str, sinks: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> dict[str, frozenset[str]]:
-    """For each of ``sinks``, the output names it holds complete."""
+    """For each of ``sinks``, the output names it holds complete, found by listing the whole
+    destination and reading the ``name`` column of every Parquet part: what ``rescan_dest`` and a
+    destination without a run ledger cost, once."""
     files = list_files(dest, storage_options)
     written: dict[str, frozenset[str]] = {}
     if "png" in sinks:
@@ -113,6 +133,8 @@ class DestinationRecord:
     # Set while an --overwrite run replaces outputs made with other settings: until one finishes,
     # the destination mixes both, and only another --overwrite run may continue.
     replacing: dict[str, Any] | None = None
+    # The first run whose ledger counts (pipeline.ledger): an --overwrite run starts afresh.
+    ledger_since: str | None = None
 
     def differs(self, other: DestinationRecord) -> bool:
         return (self.scale, self.weights_sha256) != (other.scale, other.weights_sha256)
@@ -173,11 +195,19 @@ def _some_visible_files(dest: str, storage_options: dict[str, Any] | None, limit
 
 
 def claim_dest(
-    dest: str, run: DestinationRecord, *, overwrite: bool, storage_options: dict[str, Any] | None = None
+    dest: str,
+    run: DestinationRecord,
+    *,
+    overwrite: bool,
+    run_id: str,
+    storage_options: dict[str, Any] | None = None,
 ) -> DestinationRecord:
     """Check that ``dest`` may take this run's outputs and record the run's settings there (see
-    the module docstring); returns the record written. ``DestinationError`` says why not."""
+    the module docstring); returns the record written. ``DestinationError`` says why not. An
+    ``overwrite`` run ``run_id`` becomes the record's ``ledger_since``."""
     record = read_record(dest, storage_options)
+    since = run_id if overwrite else record.ledger_since if record else None
+    run = dataclasses.replace(run, ledger_since=since)
     if record is None:
         entries = _some_visible_files(dest, storage_options)
         fs, summary = filesystem(join(dest, SUMMARY_NAME), storage_options)
@@ -224,38 +254,74 @@ def finish_dest(dest: str, record: DestinationRecord, storage_options: dict[str,
 
 
 def prepare_dest(
-    dest: str, sinks: Sequence[str], *, overwrite: bool, storage_options: dict[str, Any] | None = None
+    dest: str,
+    sinks: Sequence[str],
+    *,
+    overwrite: bool,
+    after_crash: bool,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Clear what a new run replaces: old errors always, old Parquet parts with ``overwrite``;
-    and leftovers of a killed run (hidden ``.part`` temporaries)."""
-    remove(join(dest, ERRORS_DIR), storage_options)
+    """Clear what a new run replaces: the Parquet parts with ``overwrite`` (every input is redone);
+    after a run that did not finish (``after_crash``), the hidden temporaries its killed writes left
+    in a local destination (object stores have none), which costs one listing of the destination."""
     if overwrite and "parquet" in sinks:
         remove(join(dest, PARQUET_DIR), storage_options)
-    for rel in list_files(dest, storage_options):
-        if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):
-            remove(join(dest, rel), storage_options)
+    if after_crash and not is_url(dest):
+        for rel in list_files(dest, storage_options):
+            if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):
+                remove(join(dest, rel), storage_options)
 
 
 def write_png(dest: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     write_bytes(join(dest, name), data, storage_options)
 
 
-def write_parquet_part(
-    dest: str, rows: Sequence[dict[str, Any]], storage_options: dict[str, Any] | None = None
-) -> str:
-    """One Parquet file holding ``rows`` (dicts with PARQUET_SCHEMA's fields); returns its name."""
-    table = pa.Table.from_pylist(list(rows), schema=PARQUET_SCHEMA)
-    part = f"{PARQUET_DIR}/part-{_digest('|'.join(sorted(r['name'] for r in rows)))}.parquet"
-    write_bytes(join(dest, part), _table_bytes(table), storage_options)
-    return part
+def part_name(run_id: str, commit: int) -> str:
+    """The Parquet part of a run's commit, relative to DEST."""
+    return f"{PARQUET_DIR}/part-{run_id}-{commit:05d}.parquet"
 
 
-def write_error(dest: str, error: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
-    """One row of the errors table: ``error`` holds ERRORS_SCHEMA's fields (``input_sha256`` may
-    be None: the bytes could not be read)."""
-    table = pa.Table.from_pylist([error], schema=ERRORS_SCHEMA)
+class PartBuffer:
+    """Parquet rows (dicts with PARQUET_SCHEMA's fields) gathered on the driver until they make a
+    part of ``max_rows`` rows or about ``max_bytes`` bytes of PNG: parts sized for analytics, not
+    by model batch."""
+
+    def __init__(self, max_rows: int, max_bytes: int) -> None:
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.bytes += len(row["png"] or b"")
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.max_rows or self.bytes >= self.max_bytes
+
+    def write(self, dest: str, name: str, storage_options: dict[str, Any] | None = None) -> None:
+        """Write the rows gathered as part ``name`` and start a new part. PNG bytes do not
+        compress: that column is stored as is."""
+        table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+        data = parquet_bytes(
+            table, compression={c: "none" if c == "png" else "snappy" for c in table.column_names}
+        )
+        write_bytes(join(dest, name), data, storage_options)
+        self.rows, self.bytes = [], 0
+
+
+def write_errors(
+    dest: str,
+    run_id: str,
+    commit: int,
+    errors: Sequence[dict[str, Any]],
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Rows of the errors table (dicts with ERRORS_SCHEMA's fields; ``input_sha256`` is None when
+    the bytes could not be read), as one file of a run's commit."""
+    table = pa.Table.from_pylist(list(errors), schema=ERRORS_SCHEMA)
     write_bytes(
-        join(dest, f"{ERRORS_DIR}/{_digest(error['key'])}.parquet"), _table_bytes(table), storage_options
+        join(dest, f"{ERRORS_DIR}/{run_id}-{commit:05d}.parquet"), parquet_bytes(table), storage_options
     )
 
 

@@ -4,8 +4,12 @@ One code path for local folders and every fsspec URL. ``list_inputs`` walks the 
 and returns work units (one per file); ``read_unit`` runs inside a Ray task and turns a unit into
 rows of ``key`` + raw ``bytes`` (no decoding here). Keys are paths relative to the root, posix
 style: ``sub/photo.jpg`` for a file, ``shards/000.parquet/000017`` or ``shards/000.tar/s42.jpg``
-for a shard member. Each row also has its output ``name``: the key with image extension ``.png``
-(``sub/photo.png``, ``shards/000/000017.png``, ``shards/000/s42.png``), which makes runs idempotent.
+for a shard member. Each row also has its output ``name``, made from the key by
+``sinks.output_name`` (``sub/photo.png``, ``shards/000/000017.png``, ``shards/000/s42.png``), which
+makes runs idempotent.
+
+Each unit carries the size and version (ETag, else modification time) the listing gave: what the
+run ledger compares to find new and changed inputs (``pipeline.ledger``).
 
 Each unit knows, per sink, which of its output names are already written (``written``); a row
 carries the sinks it still has to be written to (``sinks``), so an input half done by an earlier
@@ -25,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.imaging import IMAGE_SUFFIXES
+from pipeline.sinks import output_name, shard_prefix
 from pipeline.storage import filesystem, join, reported
 
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
@@ -37,17 +42,20 @@ class InputUnit:
     url: str
     rel: str  # path relative to the source root
     kind: str  # "image" | "parquet" | "tar"
+    size: int = 0
+    version: str = ""  # ETag, else modification time: changes when the file does
     # sink -> this unit's output names already written there (for a shard: its members')
     written: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        """Output name of an image unit; shard members are named under ``member_prefix``."""
-        return posixpath.splitext(self.rel)[0] + ".png"
 
-    @property
-    def member_prefix(self) -> str:
-        return posixpath.splitext(self.rel)[0] + "/"
+def file_version(info: Mapping[str, Any]) -> str:
+    """What changes when a file does, from a listing's entry: the ETag where the store gives one
+    (S3 and the like), else the modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    return str(mtime) if mtime is not None else ""
 
 
 def kind_of(path: str) -> str | None:
@@ -82,11 +90,16 @@ def list_inputs(
             kind = kind_of(root)
             if kind is None:
                 raise PipelineError(f"{source} is not an image, a .parquet or a .tar shard")
-            return [InputUnit(source, posixpath.basename(root), kind)]
+            info = fs.info(root)
+            return [
+                InputUnit(
+                    source, posixpath.basename(root), kind, int(info.get("size") or 0), file_version(info)
+                )
+            ]
         root = root.rstrip("/")
-        paths = sorted(fs.find(root))
+        listing = fs.find(root, detail=True)
     units = []
-    for path in paths:
+    for path in sorted(listing):
         rel = path[len(root) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files and our own metadata (_errors, _summary.json) are not inputs
@@ -94,7 +107,10 @@ def list_inputs(
             continue
         kind = kind_of(rel)
         if kind is not None:
-            units.append(InputUnit(join(source, rel), rel, kind))
+            info = listing[path]
+            units.append(
+                InputUnit(join(source, rel), rel, kind, int(info.get("size") or 0), file_version(info))
+            )
     return units
 
 
@@ -129,8 +145,8 @@ def read_unit(
     seen: set[str] = set()
     try:
         if unit.kind == "image":
-            missing = missing_sinks(unit.name, sinks, unit.written)
-            rows = (InputRow(unit.rel, unit.name, fs.cat_file(path), missing),)
+            name = output_name(unit.rel)
+            rows = (InputRow(unit.rel, name, fs.cat_file(path), missing_sinks(name, sinks, unit.written)),)
         elif unit.kind == "parquet":
             rows = _parquet_rows(unit, sinks, fs.cat_file(path), image_column)
         else:
@@ -146,7 +162,8 @@ def read_unit(
     except (OSError, ValueError, tarfile.TarError, PipelineError) as exc:
         # pyarrow raises ArrowInvalid (a ValueError) for damaged Parquet; fsspec raises OSError.
         error = f"{unit.rel}: {exc}"
-        yield InputRow(unit.rel, unit.name, None, tuple(sinks), error_type=type(exc).__name__, error=error)
+        name = output_name(unit.rel) if unit.kind == "image" else shard_prefix(unit.rel)
+        yield InputRow(unit.rel, name, None, tuple(sinks), error_type=type(exc).__name__, error=error)
 
 
 def _parquet_rows(
@@ -161,7 +178,7 @@ def _parquet_rows(
     for index, cell in enumerate(column):
         member = str(names[index]) if names else f"{index:06d}"
         key = f"{unit.rel}/{member}"
-        name = unit.member_prefix + posixpath.splitext(posixpath.basename(member))[0] + ".png"
+        name = output_name(posixpath.basename(member), unit.rel)
         missing = missing_sinks(name, sinks, unit.written)
         if not missing:
             yield InputRow(key, name, None)
@@ -178,7 +195,7 @@ def _tar_rows(unit: InputUnit, sinks: Sequence[str], data: bytes) -> Iterator[In
                 continue  # webdataset samples also carry .json/.txt/.cls members
             member_name = member.name.removeprefix("./")
             key = f"{unit.rel}/{member_name}"
-            name = unit.member_prefix + posixpath.splitext(member_name)[0] + ".png"
+            name = output_name(member_name, unit.rel)
             missing = missing_sinks(name, sinks, unit.written)
             if not missing:
                 yield InputRow(key, name, None)

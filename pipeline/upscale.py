@@ -1,10 +1,12 @@
 """The batch upscaling job on Ray Data: read bytes -> decode (CPU tasks) -> PAN (actor pool) ->
-encode (CPU tasks) -> write (PNG tree, Parquet, errors table) -> summary.
+encode (CPU tasks) -> write PNG (CPU tasks) -> the driver records each input in the run ledger,
+with its Parquet row and errors (``Recorder``, ``pipeline.ledger``) -> summary.
 
 The GPU actors only run tensors; decoding and encoding happen in CPU tasks around them. Outputs
-are named from input keys, so a re-run skips what exists and a killed run resumes. Every input ends
-as exactly one of succeeded, failed (a row in ``DEST/_errors``) or skipped, and has exactly one
-output in each sink it is written to.
+are named from input keys and the ledger says what is done, so a re-run takes only what is new,
+changed or failed (``pipeline.planner``) and a killed run resumes. Every input ends as exactly one
+of succeeded, failed (a row in ``DEST/_errors``), skipped (done before) or given up (failed
+``max_attempts`` times), and has exactly one output in each sink it is written to.
 
 Before Ray starts, ``preflight`` checks what a user can get wrong, in seconds: the destination is
 not the source, inside it or around it (the inputs are read-only to us); the source lists; the
@@ -30,8 +32,11 @@ from pipeline.errors import DestinationError, InvalidImageError, PipelineError
 from pipeline.imaging import DecodedImage, decode_image, encode_image
 from pipeline.jobspec import UpscaleJob
 from pipeline.lease import Lease, LeaseRecord, new_run_id
+from pipeline.ledger import RunLog
+from pipeline.planner import Collision, Plan, plan
 from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
-from pipeline.sources import COLLISION, InputUnit, collision_message, list_inputs, missing_sinks, read_unit
+from pipeline.sinks import output_name
+from pipeline.sources import COLLISION, InputUnit, collision_message, read_unit
 from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
 
 # -- stages (each runs in Ray tasks/actors on batches: dict of column -> numpy array) ---------------
@@ -46,10 +51,6 @@ def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {c: np.array([r[c] for r in rows] + [None], dtype=object)[:-1] for c in columns}
 
 
-def _status(row: dict[str, Any]) -> str:
-    return "failed" if row["error_type"] else "succeeded" if row["sinks"] else "skipped"
-
-
 def _fail(row: dict[str, Any], exc: BaseException) -> None:
     row.update(error_type=type(exc).__name__, error=str(exc), image=None, input=None, data=b"")
 
@@ -57,13 +58,19 @@ def _fail(row: dict[str, Any], exc: BaseException) -> None:
 def read_stage(
     batch: dict[str, np.ndarray], sinks: tuple[str, ...], image_column: str, storage_options: dict[str, Any]
 ) -> dict:
+    """Source files -> one row per input, with its raw bytes and what the run ledger needs to know
+    of the file it came from (``unit*``)."""
     out = []
     for unit in _rows(batch):
         written = {s: frozenset(names) for s, names in json.loads(unit["written"]).items()}
-        unit_obj = InputUnit(unit["url"], unit["rel"], unit["kind"], written)
-        for r in read_unit(unit_obj, sinks, image_column, storage_options):
+        unit_obj = InputUnit(unit["url"], unit["rel"], unit["kind"], unit["size"], unit["version"], written)
+        rows = list(read_unit(unit_obj, sinks, image_column, storage_options))
+        for r in rows:
             out.append(
                 {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
+                 "done_sinks": ",".join(s for s in sinks if r.name in written.get(s, ())),
+                 "unit": unit["rel"], "unit_size": unit["size"], "unit_version": unit["version"],
+                 "unit_rows": len(rows),
                  "input_sha256": hashlib.sha256(r.data).hexdigest() if r.data else "",
                  "error_type": r.error_type, "error": r.error, "image": None, "input": None, "seconds": 0.0,
                  "psnr_vs_bicubic": None,
@@ -162,69 +169,27 @@ def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bo
     return _batch(rows)
 
 
-SUSPECT = "Suspect"  # error_type of outputs the quality gate flags (their status stays succeeded)
-
-
-def _measured(row: dict[str, Any]) -> float | None:
-    """The row's ``psnr_vs_bicubic``, or None when not measured (the gate is off, no output).
-    Ray Data may hand an all-None column on as NaN, so NaN means not measured too."""
-    value = row["psnr_vs_bicubic"]
-    return None if value is None or value != value else float(value)
-
-
-def _suspect(row: dict[str, Any], job: UpscaleJob) -> bool:
-    value = _measured(row)
-    return value is not None and value < job.min_psnr_vs_bicubic
-
-
-def _error(row: dict[str, Any], run_id: str, error_type: str, message: str) -> dict[str, Any]:
-    return {"key": row["key"], "name": row["name"], "error_type": error_type, "message": message,
-            "input_sha256": row["input_sha256"] or None, "run_id": run_id}  # fmt: skip
-
-
 def write_stage(
-    batch: dict[str, np.ndarray], job: UpscaleJob, record: sinks.DestinationRecord, run_id: str
+    batch: dict[str, np.ndarray], dest: str, overwrite: bool, storage_options: dict[str, Any]
 ) -> dict:
-    """Write each finished row to the sinks it still lacks; errors to the errors table. A sink that
-    cannot be written raises ``StorageError``, which ends the run with one line."""
+    """Write each finished row's PNG where the PNG tree lacks it, and pass every row on to the
+    driver, which records it in the run ledger with its Parquet row (``pipeline.ledger``): a PNG
+    is always written before its entry. A sink that cannot be written raises ``StorageError``,
+    which ends the run with one line."""
     rows = _rows(batch)
-    done = [r for r in rows if r["sinks"] and not r["error_type"]]
-    for row in done:
-        if "png" in row["sinks"].split(","):
-            sinks.write_png(job.dest, row["name"], row["data"], job.storage_options)
-    suspect = [r for r in done if _suspect(r, job)]
-    flagged = {id(r) for r in suspect}
-    records = [
-        {**{k: r[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
-                              "output_width", "output_height", "seconds")},
-         "psnr_vs_bicubic": _measured(r), "scale": job.scale, "weights_id": record.weights_id,
-         "weights_sha256": record.weights_sha256, "png": r["data"],
-         "input_sha256": r["input_sha256"], "package_version": __version__, "run_id": run_id}
-        for r in done if "parquet" in r["sinks"].split(",")
-    ]  # fmt: skip
-    if records:
-        sinks.write_parquet_part(job.dest, records, job.storage_options)
-    for row in suspect:  # written all the same: a person decides
-        message = (
-            f"PSNR {row['psnr_vs_bicubic']:.1f} dB against bicubic, under --min-psnr-vs-bicubic "
-            f"{job.min_psnr_vs_bicubic:g}: PAN's output is likely garbage (noise, synthetic patterns)"
-        )
-        sinks.write_error(job.dest, _error(row, run_id, SUSPECT, message), job.storage_options)
     for row in rows:
-        if row["error_type"]:
-            sinks.write_error(
-                job.dest, _error(row, run_id, row["error_type"], row["error"]), job.storage_options
-            )
-            if job.overwrite and "png" in job.sinks:  # no output made now: none of the old settings stays
-                remove(join(job.dest, row["name"]), job.storage_options)
-    return _batch(
-        [
-            {"key": r["key"], "status": _status(r), "suspect": id(r) in flagged,
-             "input_pixels": r["input_width"] * r["input_height"],
-             "output_pixels": r["output_width"] * r["output_height"], "seconds": r["seconds"]}
-            for r in rows
-        ]
-    )  # fmt: skip
+        wanted = row["sinks"].split(",") if row["sinks"] else []
+        if "png" in wanted and not row["error_type"]:
+            sinks.write_png(dest, row["name"], row["data"], storage_options)
+        if (
+            row["error_type"] and overwrite and "png" in wanted
+        ):  # no output made now: none of the old settings stays
+            remove(join(dest, row["name"]), storage_options)
+        if "parquet" not in wanted or row["error_type"]:
+            row["data"] = b""  # the driver needs the PNG only for the Parquet row
+        row.pop("image", None)
+        row.pop("input", None)
+    return _batch(rows)
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -278,44 +243,6 @@ def preflight(job: UpscaleJob) -> Preflight:
     return Preflight(sinks.DestinationRecord(job.scale, weights_id, weights_sha256), exclude)
 
 
-def plan(job: UpscaleJob, exclude: str | None = None) -> tuple[list[InputUnit], list[tuple[str, str]], int]:
-    """(units to read, name collisions as (key, name), count of inputs skipped as done).
-
-    An input is done when every sink of the job holds its output; a unit to read carries, per
-    sink, its outputs already written (``InputUnit.written``), so nothing is written twice.
-    """
-    units = list_inputs(job.source, job.storage_options, exclude=exclude)
-    wanted = job.sinks
-    written = {} if job.overwrite else sinks.existing_outputs(job.dest, wanted, job.storage_options)
-    # Output names are taken in path order: by an image, or by a shard for all names under its
-    # prefix (``a.tar`` holds ``a/...``); a later input that would reuse one is a collision.
-    shard_prefixes: dict[str, str] = {}
-    for unit in units:
-        if unit.kind != "image":
-            shard_prefixes.setdefault(unit.member_prefix, unit.rel)
-    todo, collisions, skipped = [], [], 0
-    seen: set[str] = set()
-    for unit in units:
-        if unit.kind != "image" and shard_prefixes[unit.member_prefix] != unit.rel:
-            collisions.append((unit.rel, unit.member_prefix))
-            continue
-        if unit.kind == "image":
-            if unit.name in seen or any(unit.name.startswith(p) for p in shard_prefixes):
-                collisions.append((unit.rel, unit.name))
-                continue
-            seen.add(unit.name)
-            if not missing_sinks(unit.name, wanted, written):
-                skipped += 1
-                continue
-            mine = {s: frozenset({unit.name}) for s in wanted if unit.name in written.get(s, ())}
-            todo.append(dataclasses.replace(unit, written=mine))
-        else:
-            prefix = unit.member_prefix
-            mine = {s: frozenset(n for n in written.get(s, ()) if n.startswith(prefix)) for s in wanted}
-            todo.append(dataclasses.replace(unit, written=mine))
-    return todo, collisions, skipped
-
-
 def model_pool(job: UpscaleJob, units: int) -> dict[str, Any]:
     """The model actors for ``units`` inputs to read: one per GPU where the cluster has GPUs; else one
     CPU actor per CPU, unless ``job.actors`` says how many; never more actors than inputs. On the CPU
@@ -348,21 +275,19 @@ def read_blocks(todo: list[InputUnit], actors: int) -> int:
     return max(1, min(len(todo), max(-(-len(todo) // per_task), 2 * actors)))
 
 
-def build_dataset(
-    job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any], record: sinks.DestinationRecord, run_id: str
-):
-    """The lazy Ray Dataset: read -> decode -> PAN actors (``model_pool``) -> encode -> write, one
-    status row per input."""
+def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any]):
+    """The lazy Ray Dataset: read -> decode -> PAN actors (``model_pool``) -> encode -> write PNG,
+    one row per input for the driver to record (``Recorder``)."""
     import ray.data
 
     items = [
-        {"url": u.url, "rel": u.rel, "kind": u.kind,
+        {"url": u.url, "rel": u.rel, "kind": u.kind, "size": u.size, "version": u.version,
          "written": json.dumps({s: sorted(names) for s, names in u.written.items()})}
         for u in todo
     ]  # fmt: skip
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
-    write_args = {"job": job, "record": record, "run_id": run_id}
+    write_args = {"dest": job.dest, "overwrite": job.overwrite, "storage_options": job.storage_options}
     encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
     return (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
@@ -415,50 +340,66 @@ def _run_leased(
 ) -> dict[str, Any]:
     run_id = lease.run_id
     record = sinks.claim_dest(
-        job.dest, checked.run, overwrite=job.overwrite, storage_options=job.storage_options
+        job.dest, checked.run, overwrite=job.overwrite, run_id=run_id, storage_options=job.storage_options
     )
-    todo, collisions, skipped = plan(job, checked.exclude)
-    if todo:
+    work = plan(job, checked.exclude, since=record.ledger_since)
+    if work.todo:
         connect(job.address)
-    sinks.prepare_dest(job.dest, job.sinks, overwrite=job.overwrite, storage_options=job.storage_options)
-    for key, name in collisions:
-        error = {"key": key, "name": name, "error_type": COLLISION, "message": collision_message(key, name)}
-        sinks.write_error(job.dest, {**error, "input_sha256": None, "run_id": run_id}, job.storage_options)
-    counts = Counter(succeeded=0, failed=len(collisions), skipped=skipped)
+    sinks.prepare_dest(
+        job.dest,
+        job.sinks,
+        overwrite=job.overwrite,
+        after_crash=bool(work.unfinished_runs),
+        storage_options=job.storage_options,
+    )
+    log = RunLog(
+        job.dest,
+        run_id,
+        sinks.PartBuffer(job.parquet_part_rows, job.parquet_part_bytes),
+        before_commit=lease.check,
+        storage_options=job.storage_options,
+    )
+    log.start({"job": job.model_dump(mode="json"), "destination": dataclasses.asdict(record),
+               "package_version": __version__})  # fmt: skip
+    recorder = Recorder(job, record, log, work)
+    for collision in work.collisions:
+        recorder.collision(collision)
+    for unit, done in work.adopted:
+        recorder.adopt(unit, done)
     actor_hours = {"gpu": 0.0, "cpu": 0.0}
-    pixels = Counter()
-    total = None if any(u.kind != "image" for u in todo) else skipped + len(collisions) + len(todo)
+    images = not any(u.kind != "image" for u in work.todo)
+    total = work.skipped + work.gave_up + len(work.collisions) + len(work.todo) if images else None
     if on_progress:
-        on_progress(counts, 0, total)
-    if todo:
+        on_progress(recorder.counts, 0, total)
+    if work.todo:
         data_context()
-        pool = model_pool(job, len(todo))
-        ds = build_dataset(job, todo, pool, record, run_id)
+        pool = model_pool(job, len(work.todo))
+        ds = build_dataset(job, work.todo, pool)
         computing = time.perf_counter()
         with dataset_batches(ds) as batches:
             for batch in batches:
                 lease.check()
-                counts.update(batch["status"].tolist())
-                counts["suspect"] += int(batch["suspect"].sum())
-                pixels.update(
-                    input=int(batch["input_pixels"].sum()), output=int(batch["output_pixels"].sum())
-                )
+                for row in _rows(batch):
+                    recorder.row(row)
                 if on_progress:
-                    on_progress(counts, pixels["output"], total)
+                    on_progress(recorder.counts, recorder.pixels["output"], total)
         hours = (time.perf_counter() - computing) / 3600
         per_actor_cpus = pool["num_cpus"] if pool["num_gpus"] else pool["threads"]
         actor_hours = {
             "gpu": pool["size"] * pool["num_gpus"] * hours,
             "cpu": pool["size"] * per_actor_cpus * hours,
         }
+    counts, pixels = recorder.counts, recorder.pixels
     seconds = time.perf_counter() - started
     summary = {
         "run_id": run_id,
-        "inputs": counts["succeeded"] + counts["failed"] + counts["skipped"],
+        "inputs": counts.total(),
         "succeeded": counts["succeeded"],
         "failed": counts["failed"],
-        "skipped": counts["skipped"],
-        "suspect": counts["suspect"],  # succeeded, but flagged by the quality gate (see _errors)
+        "skipped": counts["skipped"],  # done by earlier runs
+        "given_up": counts["given_up"],  # failed max_attempts times before: not tried again
+        "suspect": recorder.suspect,  # succeeded, but flagged by the quality gate (see _errors)
+        "files": {k: work.units[k] for k in ("new", "changed", "retried", "unfinished", "redone")},
         "input_megapixels": pixels["input"] / 1e6,
         "output_megapixels": pixels["output"] / 1e6,
         "seconds": seconds,
@@ -466,9 +407,110 @@ def _run_leased(
         **_cost(pixels["output"] / 1e6, actor_hours),
     }
     lease.check()
+    log.finish(summary)
     sinks.write_summary(job.dest, summary, job.storage_options)
     sinks.finish_dest(job.dest, record, job.storage_options)
     return summary
+
+
+class Recorder:
+    """Turns the rows that reach the driver into the run's ledger entries, Parquet rows and errors
+    (``RunLog``), and counts them: ``counts`` by status (succeeded, failed, skipped, gave_up),
+    ``suspect``, and input and output ``pixels``."""
+
+    def __init__(self, job: UpscaleJob, record: sinks.DestinationRecord, log: RunLog, work: Plan) -> None:
+        self.job, self.record, self.log, self.work = job, record, log, work
+        self.counts = Counter(succeeded=0, failed=0, skipped=work.skipped, given_up=work.gave_up)
+        self.pixels = Counter(input=0, output=0)
+        self.suspect = 0
+
+    def _entry(self, row: dict[str, Any], status: str, attempts: int, sinks_: set[str], **error: str) -> dict:
+        return {
+            "key": row["key"], "unit": row["unit"], "unit_size": row["unit_size"],
+            "unit_version": row["unit_version"], "unit_rows": row["unit_rows"], "name": row["name"],
+            "status": status, "attempts": attempts, "png": "png" in sinks_, "parquet": "parquet" in sinks_,
+            "part": None, "error_type": error.get("error_type") or None, "error": error.get("error") or None,
+            "input_sha256": row.get("input_sha256") or None, "weights_sha256": self.record.weights_sha256,
+            "package_version": __version__, "run_id": self.log.run_id,
+        }  # fmt: skip
+
+    def _error(self, row: dict[str, Any], error_type: str, message: str) -> dict[str, Any]:
+        return {"key": row["key"], "name": row["name"], "error_type": error_type, "message": message,
+                "input_sha256": row.get("input_sha256") or None, "run_id": self.log.run_id}  # fmt: skip
+
+    def _failed(self, row: dict[str, Any], error_type: str, message: str) -> None:
+        attempts = self.work.attempts.get(row["key"], 0) + 1
+        if attempts >= self.job.max_attempts:
+            message += f" (attempt {attempts} of --max-attempts {self.job.max_attempts}: not tried again)"
+        self.counts["failed"] += 1
+        entry = self._entry(row, "failed", attempts, set(), error_type=error_type, error=message)
+        self.log.add(entry, error=self._error(row, error_type, message))
+
+    @staticmethod
+    def _unit_row(unit: InputUnit, key: str, name: str) -> dict[str, Any]:
+        return {"key": key, "name": name, "unit": unit.rel, "unit_size": unit.size,
+                "unit_version": unit.version, "unit_rows": 1}  # fmt: skip
+
+    def collision(self, collision: Collision) -> None:
+        row = self._unit_row(collision.unit, collision.unit.rel, collision.name)
+        self.work.attempts.setdefault(row["key"], collision.attempts)
+        self._failed(row, COLLISION, collision_message(collision.unit.rel, collision.name))
+
+    def adopt(self, unit: InputUnit, done: tuple[str, ...]) -> None:
+        """An input a rescan found finished in every sink."""
+        self.log.add(
+            self._entry(self._unit_row(unit, unit.rel, output_name(unit.rel)), "adopted", 0, set(done))
+        )
+
+    def row(self, row: dict[str, Any]) -> None:
+        done = set(filter(None, row["done_sinks"].split(",")))
+        now = set(filter(None, row["sinks"].split(",")))
+        if row["error_type"]:
+            self._failed(row, row["error_type"], row["error"])
+            return
+        if not now:  # every output was there: a shard member finished by an earlier run
+            self.counts["skipped"] += 1
+            if self.work.rescan:
+                self.log.add(self._entry(row, "adopted", 0, done))
+            return
+        self.counts["succeeded"] += 1
+        self.pixels.update(
+            input=row["input_width"] * row["input_height"], output=row["output_width"] * row["output_height"]
+        )
+        score = _measured(row)
+        suspect = score is not None and score < self.job.min_psnr_vs_bicubic
+        error = {}
+        if suspect:  # written all the same: a person decides
+            self.suspect += 1
+            message = (
+                f"PSNR {score:.1f} dB against bicubic, under --min-psnr-vs-bicubic "
+                f"{self.job.min_psnr_vs_bicubic:g}: PAN's output is likely garbage (noise, patterns)"
+            )
+            error = {"error_type": SUSPECT, "error": message}
+        attempts = self.work.attempts.get(row["key"], 0) + 1
+        written = done | (now - {"parquet"})  # a Parquet row counts once its part is written (RunLog.add)
+        entry = self._entry(row, "succeeded", attempts, written, **error)
+        parquet_row = None
+        if "parquet" in now:
+            parquet_row = {
+                **{k: row[k] for k in ("key", "name", "input_width", "input_height", "input_mode",
+                                       "output_width", "output_height", "seconds")},
+                "psnr_vs_bicubic": score, "scale": self.job.scale, "weights_id": self.record.weights_id,
+                "weights_sha256": self.record.weights_sha256, "png": row["data"],
+                "input_sha256": row["input_sha256"], "package_version": __version__,
+                "run_id": self.log.run_id,
+            }  # fmt: skip
+        self.log.add(entry, parquet_row, self._error(row, SUSPECT, error["error"]) if suspect else None)
+
+
+SUSPECT = "Suspect"  # error_type of outputs the quality gate flags (their status stays succeeded)
+
+
+def _measured(row: dict[str, Any]) -> float | None:
+    """The row's ``psnr_vs_bicubic``, or None when not measured (the gate is off, no output).
+    Ray Data may hand an all-None column on as NaN, so NaN means not measured too."""
+    value = row["psnr_vs_bicubic"]
+    return None if value is None or value != value else float(value)
 
 
 def _cost(output_megapixels: float, actor_hours: dict[str, float]) -> dict[str, float | None]:

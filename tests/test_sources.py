@@ -28,7 +28,7 @@ def test_members_already_written_to_every_sink_are_skipped(tmp_path):
             info.size = 1
             tar.addfile(info, io.BytesIO(b"x"))
     written = {"png": frozenset({"t/a.png", "t/b.png"}), "parquet": frozenset({"t/a.png"})}
-    unit = InputUnit(str(tmp_path / "t.tar"), "t.tar", "tar", written)
+    unit = InputUnit(str(tmp_path / "t.tar"), "t.tar", "tar", written=written)
     rows = {r.name: r for r in read_unit(unit, ("png", "parquet"), "image", {})}
     assert set(rows) == {"t/a.png", "t/b.png"}  # the .json member is no image
     assert rows["t/a.png"].skipped and rows["t/a.png"].data is None
@@ -46,3 +46,17 @@ def test_a_destination_inside_the_source_is_left_out(tmp_path):
         "outside.png",
     ]
     assert [u.rel for u in list_inputs(str(tmp_path), exclude="out")] == ["a.png", "outside.png"]
+
+
+def test_each_input_file_has_the_size_and_version_the_ledger_compares(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"12345")
+    (unit,) = list_inputs(str(tmp_path))
+    assert unit.size == 5 and unit.version
+    before = unit.version
+    import os
+
+    os.utime(tmp_path / "a.png", ns=(1, 10**18))
+    (again,) = list_inputs(str(tmp_path))
+    assert again.size == 5 and again.version != before  # same size, new modification time
+    (single,) = list_inputs(str(tmp_path / "a.png"))
+    assert (single.size, single.version) == (again.size, again.version)

@@ -209,8 +209,8 @@ def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, we
     before = _checksums(five)
     # (format, expected succeeded): an input counts as skipped only when every sink holds it
     for fmt, succeeded in [("parquet", 5), ("both", 5), ("png", 0), ("both", 0), ("parquet", 0)]:
-        summary = run_upscale(
-            UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format=fmt)
+        summary = run_upscale(  # the broken input is tried each time (max_attempts: tests/test_ledger.py)
+            UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format=fmt, max_attempts=9)
         )
         assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (
             succeeded,
@@ -224,14 +224,16 @@ def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, we
     assert _checksums(five) == before
 
 
-def test_half_done_inputs_are_finished_in_the_sink_that_lacks_them(local_ray, five, weights_dir, tmp_path):
+def test_outputs_deleted_by_hand_are_made_again_by_a_rescan(local_ray, five, weights_dir, tmp_path):
     weights, dest = str(weights_dir / "PANx4_DF2K.pth"), tmp_path / "out"
     job = UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format="both")
     run_upscale(job)
-    (dest / "d0/babyx4.png").unlink()  # as if killed between its two writes
+    (dest / "d0/babyx4.png").unlink()
     rows = len(_parquet_names(dest))
-    summary = run_upscale(job)
+    assert run_upscale(job)["skipped"] == 5  # the ledger says it is done: no output is listed
+    summary = run_upscale(job.model_copy(update={"rescan_dest": True}))
     assert (summary["succeeded"], summary["skipped"]) == (1, 4)
+    # finished in the sink that lacked it only: its Parquet row was there
     assert (dest / "d0/babyx4.png").exists() and len(_parquet_names(dest)) == rows
 
 

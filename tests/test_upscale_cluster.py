@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import DeviceError
+from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
 from pipeline.raycluster import WATCHDOG_MARK
 from pipeline.storage import list_files
 from pipeline.upscale import UpscaleJob, model_pool, run_upscale
@@ -33,7 +35,8 @@ def many_inputs(benchmarks_dir, tmp_path):
 
 
 def _outputs(dest: Path) -> list[str]:
-    return [f for f in list_files(str(dest)) if not f.startswith("_")]
+    """The PNG tree's files (hidden temporaries included: none may be left)."""
+    return [f for f in list_files(str(dest)) if not f.startswith(("_", "parquet/"))]
 
 
 def _ray_processes_of(driver_pid: int) -> list[str]:
@@ -49,12 +52,18 @@ def _ray_processes_of(driver_pid: int) -> list[str]:
     return found
 
 
-def _start_and_wait_for_outputs(argv: list[str], dest: Path, outputs: int) -> subprocess.Popen:
+def _start_and_wait_for_outputs(
+    argv: list[str], dest: Path, outputs: int, committed: bool = False
+) -> subprocess.Popen:
+    """Start ``argv`` and return once ``dest`` holds ``outputs`` PNGs (and, if ``committed``, a
+    commit of the run ledger)."""
     run = subprocess.Popen(
         argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 240
-    while time.time() < deadline and len(_outputs(dest)) < outputs:
+    while time.time() < deadline and (
+        len(_outputs(dest)) < outputs or (committed and not list(dest.glob("_runs/*/manifest-*.parquet")))
+    ):
         assert run.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.2)
     return run
@@ -71,9 +80,9 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     many_inputs, weights_dir, tmp_path
 ):
     dest = tmp_path / "out"
-    argv = [PAN_BIN, "upscale", str(many_inputs), str(dest), "--scale", "2"]
-    argv += ["--weights", str(weights_dir / "PANx2_DF2K.pth")]
-    run = _start_and_wait_for_outputs([*argv, "--lease-seconds", "10"], dest, 5)
+    argv = [PAN_BIN, "upscale", str(many_inputs), str(dest), "--scale", "2", "--format", "both"]
+    argv += ["--weights", str(weights_dir / "PANx2_DF2K.pth"), "--parquet-part-rows", "4"]
+    run = _start_and_wait_for_outputs([*argv, "--lease-seconds", "10"], dest, 5, committed=True)
     assert _ray_processes_of(run.pid)  # the embedded Ray is up
     os.kill(run.pid, signal.SIGKILL)  # the driver alone: what it started must not outlive it
     run.communicate()
@@ -81,6 +90,8 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     partial = len(_outputs(dest))
     inputs = len(list(many_inputs.rglob("*.png")))
     assert 5 <= partial < inputs
+    killed = read_ledger(str(dest), None)
+    assert len(killed.unfinished) == 1 and killed.entries.num_rows  # it committed some parts, then died
 
     # The killed run could not give its lease back: the next one waits for it to expire.
     again = subprocess.run([*argv, "--wait-for-lease"], capture_output=True, text=True)
@@ -89,6 +100,15 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     assert len(outputs) == len(set(outputs)) == inputs
     assert all(f.endswith(".png") and not Path(f).name.startswith(".") for f in outputs)
     assert "0 failed" in again.stdout and f"{inputs} inputs" in again.stdout
+    # Each output has exactly one Parquet row, and the ledger names the part that holds it.
+    names = pq.read_table(dest / "parquet", columns=["name"]).column("name").to_pylist()
+    assert sorted(names) == sorted(outputs)
+    entries = read_ledger(str(dest), None, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
+    assert sorted(e["name"] for e in entries) == sorted(outputs)
+    for e in entries:
+        assert e["status"] == "succeeded" and e["png"] and e["parquet"], e
+        in_part = pq.read_table(dest / e["part"], columns=["name"]).column("name").to_pylist()
+        assert in_part.count(e["name"]) == 1
 
 
 @pytest.mark.parametrize(

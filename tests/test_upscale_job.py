@@ -4,8 +4,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.planner import plan
 from pipeline.sources import InputUnit
-from pipeline.upscale import UpscaleJob, plan, read_blocks
+from pipeline.upscale import UpscaleJob, read_blocks
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -27,27 +28,32 @@ def test_bad_settings_are_one_line(tmp_path, capsys):
         UpscaleJob.from_yaml(tmp_path / "list.yaml", source="a", dest="b")
 
 
-def test_plan_skips_done_and_reports_name_collisions(tmp_path):
+def test_plan_without_a_ledger_adopts_what_is_done_and_reports_name_collisions(tmp_path):
     src, dest = tmp_path / "in", tmp_path / "out"
     (src / "sub").mkdir(parents=True)
     for name in ["a.jpg", "a.png", "b.png", "sub/c.webp", ".hidden.png", "notes.txt"]:
         (src / name).write_bytes(b"x")
     (dest / "sub").mkdir(parents=True)
-    (dest / "sub/c.png").write_bytes(b"done")
-    todo, collisions, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
-    assert [u.rel for u in todo] == ["a.jpg", "b.png"]
-    assert collisions == [("a.png", "a.png")] and skipped == 1
+    (dest / "sub/c.png").write_bytes(b"done")  # made before destinations had a ledger
+    work = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
+    assert work.rescan and [u.rel for u in work.todo] == ["a.jpg", "b.png"]
+    assert [(c.unit.rel, c.name) for c in work.collisions] == [("a.png", "a.png")] and work.skipped == 1
+    assert [(u.rel, sinks) for u, sinks in work.adopted] == [("sub/c.webp", ("png",))]
     # a shard takes every name under its prefix: a second shard or an image there collides
     (src / "s").mkdir()
     for name in ["s.tar", "s.parquet", "s/d.png"]:
         (src / name).write_bytes(b"x")
-    todo, collisions, _ = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
-    assert [u.rel for u in todo] == ["a.jpg", "b.png", "s.parquet"]
-    assert collisions == [("a.png", "a.png"), ("s.tar", "s/"), ("s/d.png", "s/d.png")]
+    work = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2))
+    assert [u.rel for u in work.todo] == ["a.jpg", "b.png", "s.parquet"]
+    assert [(c.unit.rel, c.name) for c in work.collisions] == [
+        ("a.png", "a.png"),
+        ("s.tar", "s/"),
+        ("s/d.png", "s/d.png"),
+    ]
     for name in ["s.tar", "s.parquet", "s/d.png"]:
         (src / name).unlink()
-    todo, _, skipped = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2, overwrite=True))
-    assert skipped == 0 and "sub/c.webp" in [u.rel for u in todo]
+    work = plan(UpscaleJob(source=str(src), dest=str(dest), scale=2, overwrite=True), since="run-now")
+    assert work.skipped == 0 and not work.rescan and "sub/c.webp" in [u.rel for u in work.todo]
 
 
 def test_missing_source_is_a_clear_error(tmp_path, capsys):

@@ -1,0 +1,384 @@
+"""The run ledger of a destination: what each run took and did, under ``DEST/_runs/<run id>/``.
+
+- ``settings.json``: the run's settings and destination record, written when it starts;
+- ``manifest-<n>.parquet``: the entries of the run's commit ``n`` (``MANIFEST_SCHEMA``), one per
+  input it took: the source file's size and version, the output name, the status, the attempts,
+  the sinks holding the output and the Parquet part holding its row, and lineage (sha256 of the
+  input and of the weights, package version, run id). A run that finishes merges its commits
+  into ``manifest.parquet``;
+- ``summary.json``: written last. A run without one was killed (or is running: see ``DEST/_lease``).
+
+Statuses: ``succeeded``; ``failed`` (``attempts`` counts the runs that tried it, this one
+included); ``adopted`` (found finished in the destination by a rescan, made before the ledger).
+Keys are the input keys of ``pipeline.sources``; ``unit`` is the source file a key came from (the
+key itself for an image file; the shard for a shard member), ``unit_rows`` the inputs that file held.
+
+**Planning reads the ledger, never the outputs.** The latest entry of each key, from the runs since
+the destination's ``ledger_since`` (an --overwrite run starts afresh), tells whether an input is
+finished: a source file is done when its size and version equal the entries' and each of its
+inputs either succeeded into every sink the run writes or failed ``max_attempts`` times. That
+costs one listing of ``_runs/`` and one read per run (``manifest.parquet``), compared in Arrow.
+
+**Commits keep the ledger in step with the outputs.** PNGs are written by the workers before their
+rows reach the driver, so no entry claims a PNG that is missing; a PNG whose entry was lost in a
+crash is made again under the same name. Parquet rows gather on the driver (``sinks.PartBuffer``)
+and a commit writes, in this order: the errors of its entries, its manifest entries, then its
+Parquet part, named by the run and commit number. A killed run can leave entries whose part was
+never written, never a part that no entry names: the next run checks the parts named by unfinished
+runs (one existence check each) and counts their rows as not written. So each output's row is in
+exactly one part, however runs are killed and restarted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import DestinationError
+from pipeline.sinks import RUNS_DIR, PartBuffer, parquet_bytes, part_name, write_errors
+from pipeline.storage import filesystem, join, read_bytes, remove, reported, write_bytes
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("unit", pa.string()),
+        ("unit_size", pa.int64()),
+        ("unit_version", pa.string()),
+        ("unit_rows", pa.int32()),  # 0: unknown (the file could not be read)
+        ("name", pa.string()),
+        ("status", pa.string()),  # succeeded | failed | adopted
+        ("attempts", pa.int16()),
+        ("png", pa.bool_()),  # the output is in the PNG tree
+        ("parquet", pa.bool_()),  # ... and has its row in `part`
+        ("part", pa.string()),
+        ("error_type", pa.string()),  # why it failed, or "Suspect" (succeeded, flagged)
+        ("error", pa.string()),
+        ("input_sha256", pa.string()),
+        ("weights_sha256", pa.string()),
+        ("package_version", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+SETTINGS_NAME, SUMMARY_NAME, MANIFEST_NAME = "settings.json", "summary.json", "manifest.parquet"
+DONE = ("succeeded", "adopted")
+COMMIT_ENTRIES, COMMIT_SECONDS = 1000, 60.0  # commit entries without a Parquet row this often
+
+
+def run_folder(dest: str, run_id: str) -> str:
+    return join(dest, f"{RUNS_DIR}/{run_id}")
+
+
+def _segment(commit: int) -> str:
+    return f"manifest-{commit:05d}.parquet"
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    run_id: str
+    manifests: tuple[str, ...]  # file names under the run's folder, in commit order
+    finished: bool
+
+
+def _run_files(dest: str, storage_options: dict[str, Any] | None) -> list[RunFiles]:
+    """The runs of the ledger, oldest first, from one listing of ``_runs/``."""
+    with reported(join(dest, RUNS_DIR), "list"):
+        fs, root = filesystem(join(dest, RUNS_DIR), storage_options)
+        if not fs.exists(root):
+            return []
+        root = root.rstrip("/")
+        files: dict[str, set[str]] = {}
+        for path in fs.find(root):
+            run_id, _, name = path[len(root) :].strip("/").partition("/")
+            if name and "/" not in name:
+                files.setdefault(run_id, set()).add(name)
+    runs = []
+    for run_id in sorted(files):
+        names = files[run_id]
+        segments = sorted(n for n in names if n.startswith("manifest-") and n.endswith(".parquet"))
+        # A finished run's merged manifest replaces its commits (left behind if killed while deleting).
+        manifests = (MANIFEST_NAME,) if MANIFEST_NAME in names else tuple(segments)
+        runs.append(RunFiles(run_id, manifests, SUMMARY_NAME in names))
+    return runs
+
+
+def _read_tables(
+    locations: Sequence[str], storage_options: dict[str, Any] | None, columns: Sequence[Sequence[str] | None]
+) -> list[pa.Table]:
+    """Parquet files (``columns[i]`` of file ``i``; None: all), read in parallel: object stores
+    answer one request at a time per connection."""
+
+    def read(location: str, names: Sequence[str] | None) -> pa.Table:
+        data = read_bytes(location, storage_options)
+        try:
+            return pq.read_table(
+                io.BytesIO(data), schema=MANIFEST_SCHEMA, columns=list(names) if names else None
+            )
+        except (pa.ArrowException, ValueError) as exc:
+            raise DestinationError(
+                f"the run ledger file {location} is damaged ({exc}); restore it, or move its run's folder "
+                "out of _runs and run once with --rescan-dest"
+            ) from exc
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, locations, columns))
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The latest entry of each key (``entries``, MANIFEST_SCHEMA) and the runs read."""
+
+    entries: pa.Table
+    runs: tuple[str, ...]
+    unfinished: tuple[str, ...]  # runs that did not finish (killed), oldest first
+
+    def triage(self, units: Iterable[Any], wanted: Sequence[str], max_attempts: int) -> Triage:
+        """Sort source files (``InputUnit``s) by what the ledger says of them, in Arrow: which
+        are done, which it has never seen at their size and version (new or changed), and the
+        entries of the others (partly done, or failed but to be tried again)."""
+        units = list(units)
+        source = pa.table(
+            {
+                "unit": pa.array([u.rel for u in units], pa.string()),
+                "unit_size": pa.array([u.size for u in units], pa.int64()),
+                "unit_version": pa.array([u.version for u in units], pa.string()),
+            }
+        )
+        known = set(pc.filter(source["unit"], pc.is_in(source["unit"], self.entries["unit"])).to_pylist())
+        same = self.entries.join(source, ["unit", "unit_size", "unit_version"], join_type="inner")
+        done = pc.is_in(same["status"], pa.array(DONE))
+        for sink in wanted:
+            done = pc.and_(done, same[sink])
+        gave_up = pc.and_(
+            pc.equal(same["status"], "failed"), pc.greater_equal(same["attempts"], max_attempts)
+        )
+        same = same.append_column("done", pc.cast(done, pa.int32())).append_column(
+            "gave_up", pc.cast(gave_up, pa.int32())
+        )
+        per_unit = same.group_by("unit").aggregate(
+            [("done", "sum"), ("gave_up", "sum"), ("unit_rows", "max")]
+        )
+        finished = pc.and_(
+            pc.greater(per_unit["unit_rows_max"], 0),
+            pc.greater_equal(
+                pc.add(per_unit["done_sum"], per_unit["gave_up_sum"]), per_unit["unit_rows_max"]
+            ),
+        )
+        complete = per_unit.filter(finished)
+        counts = {
+            unit: (d, g)
+            for unit, d, g in zip(
+                complete["unit"].to_pylist(),
+                complete["done_sum"].to_pylist(),
+                complete["gave_up_sum"].to_pylist(),
+                strict=True,
+            )
+        }
+        rest = same.filter(pc.invert(pc.is_in(same["unit"], complete["unit"])))
+        partial: dict[str, list[dict[str, Any]]] = {}
+        for entry in rest.drop_columns(["done", "gave_up"]).to_pylist():
+            partial.setdefault(entry["unit"], []).append(entry)
+        return Triage(counts, known, partial)
+
+
+@dataclass(frozen=True)
+class Triage:
+    complete: dict[str, tuple[int, int]]  # unit -> (inputs done, inputs given up on)
+    known: set[str]  # units with entries at some size and version
+    partial: dict[str, list[dict[str, Any]]]  # unit -> latest entries at its size and version, not complete
+
+
+PLANNING = ("key", "unit", "unit_size", "unit_version", "unit_rows", "name", "status", "attempts", "png",
+            "parquet")  # fmt: skip
+
+
+def read_ledger(
+    dest: str,
+    since: str | None,
+    storage_options: dict[str, Any] | None = None,
+    columns: Sequence[str] = PLANNING,
+) -> Ledger:
+    """The ledger from run ``since`` on (all runs when None), with the entries' ``columns`` (what
+    planning needs by default: lineage and messages stay on disk); see the module docstring."""
+    runs = [r for r in _run_files(dest, storage_options) if since is None or r.run_id >= since]
+    owner = [r for r in runs for _ in r.manifests]
+    locations = [join(run_folder(dest, r.run_id), name) for r in runs for name in r.manifests]
+    columns = list(columns)
+    checking = columns if "part" in columns else [*columns, "part"]  # the parts of runs that did not finish
+    tables = _read_tables(locations, storage_options, [columns if r.finished else checking for r in owner])
+    checked: dict[str, bool] = {}
+    for index, (run, table) in enumerate(zip(owner, tables, strict=True)):
+        if run.finished:
+            continue
+        parts = [p for p in pc.unique(table["part"]).to_pylist() if p]
+        for part in parts:
+            if part not in checked:
+                with reported(join(dest, part), "check"):
+                    fs, path = filesystem(join(dest, part), storage_options)
+                    checked[part] = fs.exists(path)
+        lost = [p for p in parts if not checked[p]]
+        if lost:  # killed between its entries and its part: those rows were never written
+            in_lost = pc.fill_null(pc.is_in(table["part"], pa.array(lost)), False)
+            parquet = pc.and_(table["parquet"], pc.invert(in_lost))
+            table = table.set_column(table.schema.get_field_index("parquet"), "parquet", parquet)
+            table = table.set_column(
+                table.schema.get_field_index("part"), "part", pc.if_else(in_lost, None, table["part"])
+            )
+        tables[index] = table.select(columns)
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    entries = pa.concat_tables(tables) if tables else schema.empty_table()
+    return Ledger(
+        _latest(entries),
+        tuple(r.run_id for r in runs),
+        tuple(r.run_id for r in runs if not r.finished),
+    )
+
+
+def _latest(entries: pa.Table) -> pa.Table:
+    """The last entry of each key (entries are in run and commit order)."""
+    if entries.num_rows == 0:
+        return entries
+    indexed = entries.append_column("order", pa.array(range(entries.num_rows), pa.int64()))
+    last = indexed.group_by("key", use_threads=False).aggregate([("order", "max")])["order_max"]
+    return entries.take(last)
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """One run's ledger entries, errors and Parquet parts, committed together in the order the
+    module docstring gives. ``add`` gathers; a commit happens when the Parquet part is full, or,
+    while no Parquet row waits, every ``COMMIT_ENTRIES`` entries or ``COMMIT_SECONDS``.
+    ``before_commit`` runs first (the lease's check: a run that lost it writes nothing more)."""
+
+    def __init__(
+        self,
+        dest: str,
+        run_id: str,
+        parts: PartBuffer,
+        *,
+        before_commit: Callable[[], None] = lambda: None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.dest, self.run_id, self.parts = dest, run_id, parts
+        self.before_commit, self.storage_options = before_commit, storage_options
+        self.folder = run_folder(dest, run_id)
+        self.commits = 0
+        self._entries: list[dict[str, Any]] = []
+        self._errors: list[dict[str, Any]] = []
+        self._last_commit = time.monotonic()
+
+    def start(self, settings: dict[str, Any]) -> None:
+        write_bytes(
+            join(self.folder, SETTINGS_NAME),
+            (json.dumps(settings, indent=2) + "\n").encode(),
+            self.storage_options,
+        )
+
+    def add(
+        self, entry: dict[str, Any], parquet_row: dict[str, Any] | None = None, error: dict | None = None
+    ) -> None:
+        """``entry``: MANIFEST_SCHEMA's fields but ``part`` (set here when ``parquet_row`` goes
+        to this run's part); ``error``: a row of the errors table."""
+        if parquet_row is not None:
+            self.parts.add(parquet_row)
+            entry = {**entry, "parquet": True, "part": None, "_in_part": True}
+        self._entries.append(entry)
+        if error is not None:
+            self._errors.append(error)
+        waiting = bool(self.parts.rows)
+        if self.parts.full or (
+            not waiting
+            and (
+                len(self._entries) >= COMMIT_ENTRIES or time.monotonic() - self._last_commit >= COMMIT_SECONDS
+            )
+        ):
+            self.commit()
+
+    def commit(self) -> None:
+        if not self._entries and not self._errors:
+            return
+        self.before_commit()
+        self.commits += 1
+        part = part_name(self.run_id, self.commits) if self.parts.rows else None
+        if self._errors:
+            write_errors(self.dest, self.run_id, self.commits, self._errors, self.storage_options)
+        entries = [
+            {
+                **{k: v for k, v in e.items() if k != "_in_part"},
+                **({"part": part} if e.get("_in_part") else {}),
+            }
+            for e in self._entries
+        ]
+        write_bytes(join(self.folder, _segment(self.commits)), _parquet(entries), self.storage_options)
+        if part:
+            self.parts.write(self.dest, part, self.storage_options)
+        self._entries, self._errors = [], []
+        self._last_commit = time.monotonic()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Commit what is left, merge the commits into one manifest, then write the summary."""
+        self.commit()
+        segments = [join(self.folder, _segment(n)) for n in range(1, self.commits + 1)]
+        tables = _read_tables(segments, self.storage_options, [None] * len(segments))
+        merged = pa.concat_tables(tables) if tables else None
+        if merged is None:
+            merged = MANIFEST_SCHEMA.empty_table()
+        write_bytes(join(self.folder, MANIFEST_NAME), parquet_bytes(merged), self.storage_options)
+        for location in segments:
+            remove(location, self.storage_options)
+        write_bytes(
+            join(self.folder, SUMMARY_NAME),
+            (json.dumps(summary, indent=2) + "\n").encode(),
+            self.storage_options,
+        )
+
+
+def _parquet(entries: list[dict[str, Any]]) -> bytes:
+    return parquet_bytes(pa.Table.from_pylist(entries, schema=MANIFEST_SCHEMA))
+
+
+# -- pan runs -------------------------------------------------------------------------------------
+
+
+def run_rows(dest: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per run, oldest first: its id, whether it finished, and its counts (from its
+    summary, or from its commits for a run that did not finish)."""
+    rows = []
+    for run in _run_files(dest, storage_options):
+        folder = run_folder(dest, run.run_id)
+        if run.finished:
+            summary = json.loads(read_bytes(join(folder, SUMMARY_NAME), storage_options))
+            rows.append({"run_id": run.run_id, "finished": True, **summary})
+            continue
+        tables = _read_tables(
+            [join(folder, m) for m in run.manifests], storage_options, [None] * len(run.manifests)
+        )
+        entries = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+        statuses = entries["status"].to_pylist()
+        suspect = entries["error_type"].to_pylist().count("Suspect")
+        rows.append(
+            {"run_id": run.run_id, "finished": False, "succeeded": statuses.count("succeeded"),
+             "failed": statuses.count("failed"), "suspect": suspect}
+        )  # fmt: skip
+    return rows
+
+
+def failed_inputs(dest: str, since: str | None, storage_options: dict[str, Any] | None = None) -> list[dict]:
+    """The inputs whose latest entry is a failure, most attempted first."""
+    entries = read_ledger(dest, since, storage_options, columns=MANIFEST_SCHEMA.names).entries
+    failed = entries.filter(pc.equal(entries["status"], "failed"))
+    columns = ["key", "attempts", "error_type", "error", "run_id"]
+    return sorted(failed.select(columns).to_pylist(), key=lambda e: (-e["attempts"], e["key"]))
