@@ -94,11 +94,10 @@ def _settings(args: argparse.Namespace, job_class: type) -> dict[str, Any]:
 
 
 def _upscaler(args: argparse.Namespace):
-    from pipeline.engine import Upscaler
-    from pipeline.weights import load_pretrained
+    from pipeline.engine import build_upscaler
+    from pipeline.jobspec import InferenceSpec
 
-    model = load_pretrained(args.weights, scale=args.scale)
-    return Upscaler(model, device=args.device, precision=args.precision, tile=args.tile)
+    return build_upscaler(InferenceSpec(**_settings(args, InferenceSpec)), args.scale)
 
 
 def _refuse_overwriting_inputs(output: str, *inputs: str | None) -> None:
@@ -418,13 +417,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"pan: error: {message} (see {self.prog} --help)\n")
 
 
-INFERENCE_FLAGS = ("scale", "weights", "device", "precision", "tile")  # upscale-image and compare
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.jobspec import KINDS, EvalJob, TrainJob, UpscaleJob
+    from pipeline.jobspec import KINDS, EvalJob, InferenceSpec, TrainJob, UpscaleJob
     from pipeline.submit import RUNTIME_ENVS
 
+    inference = ("scale", *InferenceSpec.model_fields)  # upscale-image and compare
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument("--verbose", action="store_true", help="show Ray's own logs and warnings")
@@ -434,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upscale-image", parents=[common], help="upscale one image file")
     p.add_argument("input", help="image file or URL")
     p.add_argument("output", help="output file or URL (.png, .jpg, .webp)")
-    _add_settings(p, UpscaleJob, (*INFERENCE_FLAGS, "png_compress_level"), required=("scale",), defaults=True)
+    _add_settings(p, UpscaleJob, (*inference, "png_compress_level"), required=("scale",), defaults=True)
     p.add_argument("--compare", metavar="PICTURE", help="also write a bicubic | PAN picture here")
     p.set_defaults(handler=cmd_upscale_image)
 
@@ -442,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="low-resolution image")
     p.add_argument("output", help="picture to write (.png, .jpg, .webp)")
     p.add_argument("--hr", help="the high-resolution original: adds a panel and PSNR labels")
-    _add_settings(p, UpscaleJob, INFERENCE_FLAGS, required=("scale",), defaults=True)
+    _add_settings(p, UpscaleJob, inference, required=("scale",), defaults=True)
     p.set_defaults(handler=cmd_compare)
 
     helps = {

@@ -10,26 +10,39 @@ Large images are cut into tiles: each tile's core is read with ``context`` pixel
 it, all windows have one shape (so they batch), and neighbouring cores cross-fade over a few pixels
 with linear ramps, which blends the seams away. Tiles that come out
 non-finite in reduced precision are recomputed in fp32.
+
+``upscale_many`` runs several images together: their windows are grouped by shape and each group
+goes through the model in batches, so equal-shape windows of different images share a forward
+pass. With tiles, every window of an image larger than the tile has the tile's window shape, so a
+few fixed shapes recur (shape buckets): compiled graphs (``compile``) and cuDNN plans are reused.
+``build_upscaler`` turns an ``InferenceSpec`` into an ``Upscaler``: the one way jobs and commands
+make one.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.errors import DeviceError
 from pipeline.imaging import DecodedImage, imresize
-from pipeline.jobspec import AUTO, PRECISIONS
+from pipeline.jobspec import AUTO, PRECISIONS, InferenceSpec
 from pipeline.model import PAN
 from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
+MAX_COMPILED_SHAPES = 8  # window shapes compiled per Upscaler; others run eagerly
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +65,44 @@ def resolve_device(device: str) -> torch.device:
     elif resolved.type != "cpu":
         raise DeviceError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     return resolved
+
+
+# Precisions that score within 0.02 dB PSNR_Y of fp32 on Set5 and Set14 (the "equal quality" of
+# precision=auto), by device type: on the CPU, bf16 does not (benchmarks/README.md, "bf16 on the
+# CPU"); on CUDA, fp16 and bf16 are held to it by tests/test_gpu.py.
+EQUAL_QUALITY = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
+
+
+def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: int = 3) -> str:
+    """The fastest of the device's ``EQUAL_QUALITY`` precisions it can run, timed on a
+    ``side`` x ``side`` window (best of ``rounds`` after a warm-up); fp32 when there is one."""
+    candidates = [
+        p
+        for p in EQUAL_QUALITY[device.type]
+        if p != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported()
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    x = torch.linspace(0, 1, 3 * side * side).reshape(1, 3, side, side).to(device)
+    times = {}
+    for precision in candidates:
+        dtype = _DTYPES[precision]
+        trial = copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        with torch.inference_mode():
+            xp = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            trial(xp)
+            best = math.inf
+            for _ in range(rounds):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                trial(xp)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - start)
+        times[precision] = best
+    log.info("precision auto on %s: %s", device, {p: f"{t * 1e3:.1f} ms" for p, t in times.items()})
+    return min(times, key=times.get)
 
 
 def bytes_per_lr_pixel(model: PAN, dtype: torch.dtype = torch.float32) -> int:
@@ -81,6 +132,8 @@ class Upscaler:
     ``context``: input pixels read around each tile's core (PAN's receptive field is wide: with
     about 20 or more, tiled output equals whole-image output within one level).
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
+    ``compile``: ``torch.compile`` the model, one graph per window shape for the first
+    ``MAX_COMPILED_SHAPES`` shapes (later shapes run eagerly); if compiling fails, eager throughout.
     """
 
     def __init__(
@@ -93,14 +146,17 @@ class Upscaler:
         context: int = DEFAULT_CONTEXT,
         batch_size: int | str = AUTO,
         memory_budget: int | None = None,
+        compile: bool = False,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in (*PRECISIONS, AUTO):
+            raise ValueError(f"precision must be one of {PRECISIONS} or {AUTO}, got {precision!r}")
         if tile != AUTO:
             check_tile(tile)
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
         self.device = resolve_device(device)
+        if precision == AUTO:
+            precision = fastest_precision(model, self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise DeviceError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -115,6 +171,8 @@ class Upscaler:
         self.weights_info = getattr(model, "weights_info", None)
         self._fp32 = self._prepare(model, torch.float32)
         self._model = self._fp32 if precision == "fp32" else self._prepare(model, _DTYPES[precision])
+        self._compiled = torch.compile(self._model, dynamic=False) if compile else None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
 
     def _prepare(self, model: PAN, dtype: torch.dtype) -> PAN:
         prepared = copy.deepcopy(model).eval().requires_grad_(False)
@@ -145,12 +203,28 @@ class Upscaler:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x h x w float32 in [0, 1] -> N x 3 x sh x sw float32 clamped to [0, 1]."""
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
-        out = self._model(x.to(_DTYPES[self.precision])).float()
+        out = self._forward(x.to(_DTYPES[self.precision])).float()
         if self._model is not self._fp32:
             bad = ~torch.isfinite(out).flatten(1).all(dim=1)
             if bad.any():  # reduced precision overflowed on some tiles: redo those in fp32
                 out[bad] = self._fp32(x[bad])
         return out.clamp_(0, 1).cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x``: compiled for the shapes the cache holds, else eager."""
+        shape = tuple(x.shape)
+        if self._compiled is not None and (
+            shape in self._compiled_shapes or len(self._compiled_shapes) < MAX_COMPILED_SHAPES
+        ):
+            try:
+                out = self._compiled(x)
+            except Exception as exc:  # no C++ compiler, an unsupported op...: eager is always right
+                log.warning("torch.compile failed (%s); running eagerly", str(exc).splitlines()[0])
+                self._compiled = None
+            else:
+                self._compiled_shapes.add(shape)
+                return out
+        return self._model(x)
 
     def plan(self, height: int, width: int) -> tuple[TilePlan, TilePlan]:
         """The tile windows along y and x for an image of this size."""
@@ -161,55 +235,124 @@ class Upscaler:
 
     def upscale_float(self, image: np.ndarray) -> np.ndarray:
         """3 x H x W float32 in [0, 1] -> 3 x sH x sW float32 in [0, 1]."""
-        _, height, width = image.shape
+        return self.upscale_many_float([image])[0]
+
+    def upscale_many_float(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``upscale_float`` of each image; windows of equal shape share forward passes, whichever
+        image they come from."""
         s = self.scale
-        py, px = self.plan(height, width)
-        if len(py.windows) == 1 and len(px.windows) == 1:
-            return self._run(image[None])[0]
-        out = np.zeros((3, height * s, width * s), dtype=np.float32)
-        tiles = [(wy, wx) for wy in py.windows for wx in px.windows]
-        batch = self._batch_for(py.length, px.length)
-        for i in range(0, len(tiles), batch):
-            chunk = tiles[i : i + batch]
-            inputs = np.stack(
-                [
-                    image[:, wy.start : wy.start + py.length, wx.start : wx.start + px.length]
-                    for wy, wx in chunk
-                ]
-            )
-            for (wy, wx), result in zip(chunk, self._run(inputs), strict=True):
-                weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
-                region = np.s_[
-                    :, wy.start * s : (wy.start + py.length) * s, wx.start * s : (wx.start + px.length) * s
-                ]
-                out[region] += result * weight
-        return out
+        plans = [self.plan(*image.shape[1:]) for image in images]
+        groups: dict[tuple[int, int], list[tuple[int, Any, Any]]] = {}
+        for index, (py, px) in enumerate(plans):
+            for wy in py.windows:
+                for wx in px.windows:
+                    groups.setdefault((py.length, px.length), []).append((index, wy, wx))
+        outputs: list[np.ndarray | None] = [None] * len(images)
+        for (length_y, length_x), windows in groups.items():
+            batch = self._batch_for(length_y, length_x)
+            for i in range(0, len(windows), batch):
+                chunk = windows[i : i + batch]
+                inputs = np.stack(
+                    [
+                        images[n][:, wy.start : wy.start + length_y, wx.start : wx.start + length_x]
+                        for n, wy, wx in chunk
+                    ]
+                )
+                for (n, wy, wx), result in zip(chunk, self._run(inputs), strict=True):
+                    py, px = plans[n]
+                    if len(py.windows) == 1 and len(px.windows) == 1:  # the whole image
+                        outputs[n] = result
+                        continue
+                    if outputs[n] is None:
+                        outputs[n] = np.zeros((3, py.size * s, px.size * s), dtype=np.float32)
+                    weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
+                    region = np.s_[
+                        :, wy.start * s : (wy.start + length_y) * s, wx.start * s : (wx.start + length_x) * s
+                    ]
+                    outputs[n][region] += result * weight
+        return outputs
 
     def upscale(self, image: np.ndarray) -> np.ndarray:
         """Upscale an HxWx3 / HxW / HxWx1 uint8 or uint16 array; same layout and dtype back."""
-        if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16):
-            raise TypeError(f"expected a uint8 or uint16 numpy array, got {_describe(image)}")
-        squeeze = image.ndim == 3 and image.shape[2] == 1
-        gray = image.ndim == 2 or squeeze
-        if not gray and (image.ndim != 3 or image.shape[2] != 3):
-            raise ValueError(f"expected HxWx3, HxW or HxWx1 pixels, got shape {image.shape}")
-        if min(image.shape[:2]) < 1:
-            raise ValueError(f"empty image of shape {image.shape}")
-        maxval = float(np.iinfo(image.dtype).max)
-        plane = image.reshape(image.shape[:2]) if gray else image
-        chw = plane.astype(np.float32) / maxval
-        chw = np.broadcast_to(chw, (3, *chw.shape)) if gray else chw.transpose(2, 0, 1)
-        result = self.upscale_float(np.ascontiguousarray(chw))
-        result = result.mean(axis=0) if gray else result.transpose(1, 2, 0)
-        pixels = np.rint(result * maxval).astype(image.dtype)
-        return pixels[..., None] if squeeze else pixels
+        return self.upscale_many([image])[0]
+
+    def upscale_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``upscale`` of each image, their windows batched together (``upscale_many_float``)."""
+        for image in images:
+            _check_pixels(image)
+        planes = [_to_chw(image) for image in images]
+        return [
+            _from_chw(result, image)
+            for result, image in zip(self.upscale_many_float(planes), images, strict=True)
+        ]
 
     def upscale_image(self, image: DecodedImage) -> DecodedImage:
         """Upscale a decoded image; its alpha channel, if any, is enlarged with bicubic."""
-        alpha = None
-        if image.alpha is not None:
-            alpha = imresize(image.alpha, float(self.scale))
-        return replace(image, pixels=self.upscale(image.pixels), alpha=alpha)
+        return self.upscale_images([image])[0]
+
+    def upscale_images(self, images: Sequence[DecodedImage]) -> list[DecodedImage]:
+        """``upscale_image`` of each, their windows batched together."""
+        pixels = self.upscale_many([image.pixels for image in images])
+        return [
+            replace(
+                image,
+                pixels=p,
+                alpha=None if image.alpha is None else imresize(image.alpha, float(self.scale)),
+            )
+            for image, p in zip(images, pixels, strict=True)
+        ]
+
+
+def _check_pixels(image: Any) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"expected a uint8 or uint16 numpy array, got {_describe(image)}")
+    gray = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)
+    if not gray and (image.ndim != 3 or image.shape[2] != 3):
+        raise ValueError(f"expected HxWx3, HxW or HxWx1 pixels, got shape {image.shape}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
+
+
+def _to_chw(image: np.ndarray) -> np.ndarray:
+    """HxWx3 / HxW / HxWx1 integer pixels -> 3 x H x W float32 in [0, 1] (gray as equal channels)."""
+    plane = image.reshape(image.shape[:2]) if image.ndim == 2 or image.shape[2] == 1 else image
+    chw = plane.astype(np.float32) / float(np.iinfo(image.dtype).max)
+    chw = np.broadcast_to(chw, (3, *chw.shape)) if plane.ndim == 2 else chw.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw)
+
+
+def _from_chw(result: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """3 x sH x sW float in [0, 1] -> pixels in the layout and dtype of ``like`` (gray: channel mean)."""
+    gray = like.ndim == 2 or like.shape[2] == 1
+    result = result.mean(axis=0) if gray else result.transpose(1, 2, 0)
+    pixels = np.rint(result * float(np.iinfo(like.dtype).max)).astype(like.dtype)
+    return pixels[..., None] if like.ndim == 3 and like.shape[2] == 1 else pixels
+
+
+def build_upscaler(
+    spec: InferenceSpec,
+    scale: int,
+    *,
+    model: PAN | None = None,
+    device: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Upscaler:
+    """The ``Upscaler`` that ``spec`` describes, at ``scale``: its weights loaded, unless ``model``
+    is given (a model in training); on ``device`` when given (the device Ray gave an actor), else
+    ``spec.device``."""
+    if model is None:
+        from pipeline.weights import load_pretrained
+
+        model = load_pretrained(spec.weights, scale=scale, storage_options=storage_options)
+    return Upscaler(
+        model,
+        device=device or spec.device,
+        precision=spec.precision,
+        tile=spec.tile,
+        context=spec.context,
+        batch_size=spec.batch_size,
+        compile=spec.compile,
+    )
 
 
 def _describe(value: object) -> str:

@@ -60,14 +60,10 @@ class EvalActor:
 
     def _upscaler(self, scale: int):
         if scale not in self.upscalers:
-            from pipeline.engine import Upscaler
-            from pipeline.weights import load_pretrained
+            from pipeline.engine import build_upscaler
 
-            device = actor_device(self.job.device)
-            model = load_pretrained(self.job.weights_for(scale), scale=scale)
-            self.upscalers[scale] = Upscaler(
-                model, device=device, precision=self.job.precision, tile=self.job.tile
-            )
+            spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
+            self.upscalers[scale] = build_upscaler(spec, scale, device=actor_device(self.job.device))
         return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

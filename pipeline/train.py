@@ -101,10 +101,13 @@ def _export(model: PAN, location: str, storage_options: dict[str, Any]) -> None:
 
 
 def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, float]:
-    from pipeline.engine import Upscaler
+    from pipeline.engine import build_upscaler
     from pipeline.evaluate import evaluate
+    from pipeline.jobspec import InferenceSpec
 
-    report = evaluate(Upscaler(model, device=str(device)), "val", pairs)
+    report = evaluate(
+        build_upscaler(InferenceSpec(), model.scale, model=model, device=str(device)), "val", pairs
+    )
     return report.psnr_y, report.ssim_y
 
 

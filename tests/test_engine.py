@@ -121,3 +121,84 @@ def test_bf16_is_close_and_non_finite_tiles_fall_back_to_fp32(official, set14_lr
     with torch.no_grad():
         bf16._model.conv_last.bias.fill_(float("inf"))
     assert np.abs(bf16.upscale(lr).astype(int) - fp32).max() <= 1
+
+
+def test_upscale_many_batches_windows_across_images_and_matches_one_by_one(official, set14_lr, monkeypatch):
+    """Windows of equal shape from different images share a forward pass; each image comes out
+    as upscaling it alone gives (exactly: the same windows), and within one level of the whole image."""
+    images = [lr[:100, :120] for lr in set14_lr[2][:4]] + [_photo(40, 52), _photo(40, 52)[..., 0]]
+    tiled = Upscaler(official[2], device="cpu", tile=48, batch_size=8)
+    alone = [tiled.upscale(image) for image in images]
+    shapes: list[tuple[int, ...]] = []
+    run = tiled._run
+    monkeypatch.setattr(tiled, "_run", lambda batch: shapes.append(batch.shape) or run(batch))
+    together = tiled.upscale_many(images)
+    for one, many in zip(alone, together, strict=True):
+        assert one.dtype == many.dtype and np.array_equal(one, many)
+    # 4 crops of 100x120 in 3x3 windows of 96x96, and two 40x52 images whole: 36 + 2 windows
+    assert sorted(shapes) == [(2, 3, 40, 52), (4, 3, 96, 96), *[(8, 3, 96, 96)] * 4]
+    whole = Upscaler(official[2], device="cpu", tile=0)
+    for image, many in zip(images, together, strict=True):
+        assert np.abs(whole.upscale(image).astype(int) - many).max() <= 1
+
+
+def test_compile_is_bounded_and_falls_back_to_eager(official, monkeypatch):
+    """Compiled graphs are kept for MAX_COMPILED_SHAPES window shapes, later shapes run eagerly,
+    and a compile that fails leaves an eager engine with the same output."""
+    import pipeline.engine as engine
+
+    calls: list[tuple[int, ...]] = []
+
+    def fake_compile(model, dynamic):  # stands in for inductor: counts the shapes it is given
+        assert dynamic is False
+        return lambda x: calls.append(tuple(x.shape)) or model(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(engine, "MAX_COMPILED_SHAPES", 2)
+    up = Upscaler(official[2], device="cpu", tile=0, compile=True)
+    eager = Upscaler(official[2], device="cpu", tile=0)
+    for size in (20, 24, 20, 28):
+        assert np.array_equal(up.upscale(_photo(size, size)), eager.upscale(_photo(size, size)))
+    assert calls == [(1, 3, 20, 20), (1, 3, 24, 24), (1, 3, 20, 20)]  # 28x28: a third shape, eager
+
+    def broken(model, dynamic):
+        def fail(x):
+            raise RuntimeError("inductor: no working C++ compiler\nmore")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    up = Upscaler(official[2], device="cpu", tile=0, compile=True)
+    assert np.array_equal(up.upscale(_photo()), eager.upscale(_photo()))
+    assert up._compiled is None
+
+
+def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, weights_dir):
+    from pipeline.engine import build_upscaler
+    from pipeline.jobspec import EvalJob, InferenceSpec, UpscaleJob
+
+    spec = InferenceSpec(weights=str(weights_dir / "PANx3_DF2K.pth"), device="cpu", tile=64, context=16,
+                         batch_size=2)  # fmt: skip
+    up = build_upscaler(spec, 3)
+    assert (up.scale, up.tile, up.context, up.batch_size, up.device.type) == (3, 64, 16, 2, "cpu")
+    assert up.weights_info.id == "PANx3_DF2K"
+    trained = build_upscaler(InferenceSpec(), 2, model=official[2], device="cpu")  # a model in training
+    assert trained.weights_info.id == official[2].weights_info.id
+    # every job that runs PAN has exactly these settings, under the same names
+    for job in (UpscaleJob(source="a", dest="b", scale=2, tile=64), EvalJob(data=["a"], scale=2, tile=64)):
+        assert job.inference().tile == 64 and set(InferenceSpec.model_fields) <= set(type(job).model_fields)
+    with pytest.raises(ValueError, match="batch_size"):
+        InferenceSpec(batch_size=0)
+
+
+def test_precision_auto_picks_a_measured_precision_of_equal_quality(monkeypatch):
+    import pipeline.engine as engine
+
+    cpu = torch.device("cpu")
+    assert engine.fastest_precision(PAN(scale=2), cpu) == "fp32"  # the only CPU one of equal quality
+    assert Upscaler(PAN(scale=2), device="cpu", precision="auto").precision == "fp32"
+    monkeypatch.setattr(engine, "EQUAL_QUALITY", {"cpu": ("fp32", "bf16")})
+    for clock, fastest in (([0, 10, 10, 11], "bf16"), ([0, 1, 1, 11], "fp32")):  # fp32 timed first
+        ticks = iter(clock)
+        monkeypatch.setattr(engine.time, "perf_counter", lambda ticks=ticks: next(ticks))
+        assert engine.fastest_precision(PAN(scale=2), cpu, side=16, rounds=1) == fastest

@@ -137,7 +137,10 @@ def test_flags_are_derived_from_the_models():
         for name, field in job_class.model_fields.items():
             assert field.description and field.description.replace("%", "%%") in actions[name].help
     upscale = {a.dest: a for a in commands["upscale"]._actions}
-    assert tuple(upscale["scale"].choices) == SCALES and tuple(upscale["precision"].choices) == PRECISIONS
+    assert tuple(upscale["scale"].choices) == SCALES and tuple(upscale["precision"].choices) == (
+        *PRECISIONS,
+        AUTO,
+    )
     assert (
         "(default: auto)" in upscale["tile"].help
         and f"(default: {DEFAULT_WEIGHTS})" in upscale["weights"].help
