@@ -68,8 +68,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 # Precisions that score within 0.02 dB PSNR_Y of fp32 on Set5 and Set14 (the "equal quality" of
-# precision=auto), by device type: on the CPU, bf16 does not (benchmarks/README.md, "bf16 on the
-# CPU"); on CUDA, fp16 and bf16 are held to it by tests/test_gpu.py.
+# precision=auto), by device type: on the CPU, bf16 misses it on Set5 x2 (-0.0201 dB, although it
+# runs 2x faster: benchmarks/README.md, "bf16 on the CPU"); on CUDA, fp16 and bf16 are held to it
+# by tests/test_gpu.py (not yet run on a GPU).
 EQUAL_QUALITY = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
 
 
@@ -106,13 +107,16 @@ def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: 
 
 
 def bytes_per_lr_pixel(model: PAN, dtype: torch.dtype = torch.float32) -> int:
-    """A conservative estimate of peak activation memory per input pixel under inference_mode.
+    """An estimate of peak memory per input pixel of a whole-image ``upscale`` (activations under
+    inference_mode, and the output's conversion), a little above what was measured.
 
-    Measured on CPU with fp32: peak RSS growth per LR pixel is about 0.9 KB at x2 and 3 KB at x4;
-    this formula (the LR trunk's live tensors plus the HR stage's at scale**2) stays above it.
+    Measured on CPU with fp32, peak RSS growth of a 480x270 input: 1.34 KB per LR pixel at x2,
+    4.81 KB at x4; this formula (the LR trunk's live tensors plus the HR stage's at scale**2)
+    gives 1.79 and 5.25. (It used to give 2.9 and 8.6: an HD output at x4 was then tiled on the
+    CPU's 1 GiB budget, costing 47% more convolution work; benchmarks/peer.py.)
     """
     cfg = model.config
-    elements = 6 * cfg.nf + 5 * cfg.unf * cfg.scale**2
+    elements = 4 * cfg.nf + 3 * cfg.unf * cfg.scale**2
     return elements * torch.finfo(dtype).bits // 8
 
 
