@@ -128,6 +128,15 @@ class PAN(nn.Module):
         return self.config.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.skip(x)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """The image path: a bilinear upscale of the input, to which ``residual`` adds the detail."""
+        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's detail, added to ``skip`` (split out so that the skip may run in fp32
+        while the network runs in reduced precision: see ``pipeline.engine``)."""
         fea = self.conv_first(x)
         fea = fea + self.trunk_conv(self.SCPA_trunk(fea))
         # x4 is two x2 stages; x2 and x3 are one stage at the full factor.
@@ -140,8 +149,7 @@ class PAN(nn.Module):
             fea = upconv(F.interpolate(fea, scale_factor=factor, mode="nearest"))
             fea = self.lrelu(att(fea))
             fea = self.lrelu(hrconv(fea))
-        base = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return self.conv_last(fea) + base
+        return self.conv_last(fea)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -48,13 +48,13 @@ def test_windows_that_overflow_in_fp16_are_redone_in_fp32(weights_dir, benchmark
     fp16 = build_upscaler(spec.model_copy(update={"precision": "fp16"}), 2)
     calls = []
 
-    def overflow(module, inputs, output):  # the first window of each reduced-precision pass blows up
+    def overflow(module, inputs, output):  # the first window of each fp16 pass blows up
         if output.dtype == torch.float16:
             calls.append(output.shape[0])
             output[0] = float("inf")
         return output
 
-    fp16._model.register_forward_hook(overflow)
+    fp16._model.conv_last.register_forward_hook(overflow)  # inside the residual the engine runs
     out = fp16.upscale(lr)
     assert calls and np.abs(out.astype(int) - fp32.astype(int)).max() <= 1
 
