@@ -14,7 +14,8 @@ a. **super-image as its README uses it**: ``preds = model(ImageLoader.load_image
 b. **super-image used well**: the same model and loader, under ``torch.inference_mode()``, with the
    model and its input in ``channels_last``.
 c. **our engine**: ``build_upscaler(InferenceSpec(weights=path, device="cpu"), s).upscale(pixels)``
-   with every other setting at its default (fp32, tile ``auto``, batch ``auto``, no compile).
+   with every other setting at its default (fp32, tile ``auto``, batch ``auto``, no compile);
+   ``--precision bf16|auto`` runs ours in that precision instead.
 
 Each contender's timed call goes from the PIL image to an H x W x 3 uint8 array (for ours,
 ``np.asarray(image)`` is inside the timing too).
@@ -362,18 +363,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="ours: fp32 (the default setting), bf16 or auto (fastest at equal quality)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
     weights = SHARED / "weights" / f"PANx{args.scale}_DF2K.pth"
     peer = load_super_image(weights, args.scale)
     print(f"super-image PanModel: {weights.name} loaded strictly (all {len(peer.state_dict())} keys match)")
-    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), args.scale)
+    spec = InferenceSpec(weights=str(weights), device="cpu", precision=args.precision)
+    upscaler = build_upscaler(spec, args.scale)
     contenders = {"readme": readme_style(peer), "well": used_well(peer), "ours": ours(upscaler)}
     labels = {
         "readme": "a. super-image, README use",
         "well": "b. super-image, inference_mode + channels_last",
-        "ours": "c. ours (build_upscaler defaults)",
+        "ours": f"c. ours (defaults, precision {args.precision} -> {upscaler.precision})",
     }
     workloads = [set14(args.scale), hd_image(args.scale)]
 
