@@ -17,7 +17,7 @@ from s3fs import S3FileSystem
 from pipeline import ledger, sinks
 from pipeline.cli import main
 from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.storage import read_bytes
+from pipeline.storage import join, read_bytes, write_bytes
 from pipeline.upscale import UpscaleJob, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,12 +71,7 @@ class Place:
             self.bucket, self.source, self.dest = bucket, f"s3://{bucket}/in", f"s3://{bucket}/out"
 
     def put(self, rel: str, data: bytes) -> None:
-        if self.kind == "local":
-            path = f"{self.source}/{rel}"
-            __import__("pathlib").Path(path).parent.mkdir(parents=True, exist_ok=True)
-            __import__("pathlib").Path(path).write_bytes(data)
-        else:
-            boto3.client("s3").put_object(Bucket=self.bucket, Key=f"in/{rel}", Body=data)
+        write_bytes(join(self.source, rel), data)
 
     def pngs(self) -> list[str]:
         files = sinks.list_files(self.dest)
