@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -72,11 +72,16 @@ def resolve_device(device: str) -> torch.device:
 # (Set5 x2), 2.3x the speed of fp32 (benchmarks/README.md, "bf16 on the CPU"). CUDA fp16 and bf16
 # are held to it by tests/test_gpu.py (not yet run on a GPU).
 EQUAL_QUALITY = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
+# A reduced precision must beat fp32 by this much to be picked: where they time alike (a CPU that
+# emulates bf16, a busy machine) the choice would otherwise flip from actor to actor and run to run,
+# while fp32 is the exact one. Where bf16 pays, it pays about 2x (benchmarks/README.md).
+AUTO_MIN_SPEEDUP = 1.25
 
 
 def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: int = 3) -> str:
     """The fastest of the device's ``EQUAL_QUALITY`` precisions it can run, timed on a
-    ``side`` x ``side`` window (best of ``rounds`` after a warm-up); fp32 when there is one."""
+    ``side`` x ``side`` window (best of ``rounds`` after a warm-up); fp32 when there is one, and
+    unless a reduced precision is at least ``AUTO_MIN_SPEEDUP`` times as fast."""
     candidates = [
         p
         for p in EQUAL_QUALITY[device.type]
@@ -102,8 +107,11 @@ def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: 
                     torch.cuda.synchronize(device)
                 best = min(best, time.perf_counter() - start)
         times[precision] = best
-    log.info("precision auto on %s: %s", device, {p: f"{t * 1e3:.1f} ms" for p, t in times.items()})
-    return min(times, key=times.get)
+    fastest = min(times, key=times.get)
+    chosen = fastest if times["fp32"] >= AUTO_MIN_SPEEDUP * times[fastest] else "fp32"
+    timed = {p: f"{t * 1e3:.1f} ms" for p, t in times.items()}
+    log.info("precision auto on %s: %s, %s chosen", device, timed, chosen)
+    return chosen
 
 
 def bytes_per_lr_pixel(model: PAN, dtype: torch.dtype = torch.float32) -> int:
@@ -203,19 +211,45 @@ class Upscaler:
 
     # -- running --------------------------------------------------------------------------------
 
+    def _host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 CPU tensor to stage a batch in: pinned when the model is on a GPU, so that
+        copies to and from it run asynchronously."""
+        return torch.empty(shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+
     @torch.inference_mode()
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x h x w float32 in [0, 1] -> N x 3 x sh x sw float32 clamped to [0, 1]."""
-        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+    def _launch(self, batch: torch.Tensor) -> _Pending:
+        """Start the model on N x 3 x h x w float32 in [0, 1] (a ``_host_buffer``); ``_collect``
+        gives N x 3 x sh x sw float32 clamped to [0, 1]. On a GPU nothing here waits for it: the
+        copy in, the model and the copy out are queued on the stream, so the CPU can prepare the
+        next batch and place the last one meanwhile."""
+        cuda = self.device.type == "cuda"
+        x = batch.to(self.device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
         # The network's detail in the run's precision, the bilinear image path in fp32: in bf16 the
         # input itself loses up to half a level, which the skip would carry straight to the output
         # (Set5 x2: -0.0201 dB with everything in bf16, -0.0045 dB so; benchmarks/README.md).
         out = self._forward(x.to(_DTYPES[self.precision])).float() + self._fp32.skip(x)
-        if self._model is not self._fp32:
-            bad = ~torch.isfinite(out).flatten(1).all(dim=1)
-            if bad.any():  # reduced precision overflowed on some tiles: redo those in fp32
-                out[bad] = self._fp32(x[bad])
-        return out.clamp_(0, 1).cpu().numpy()
+        finite = None if self._model is self._fp32 else torch.isfinite(out).flatten(1).all(dim=1)
+        out.clamp_(0, 1)
+        if not cuda:
+            return _Pending(x, out, finite, None)
+        host = self._host_buffer(tuple(out.shape))
+        host.copy_(out, non_blocking=True)
+        finite = None if finite is None else finite.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(x, host, finite, done)
+
+    @torch.inference_mode()
+    def _collect(self, pending: _Pending) -> np.ndarray:
+        """The result of a ``_launch``, once the device has it; tiles that overflowed in reduced
+        precision are recomputed in fp32 first."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        out = pending.out
+        if pending.finite is not None and not bool(pending.finite.all()):
+            bad = ~pending.finite
+            out[bad] = self._fp32(pending.x[bad.to(self.device)]).clamp_(0, 1).to(out.device)
+        return out.numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's residual on ``x``: compiled for the shapes the cache holds, else eager."""
@@ -255,28 +289,38 @@ class Upscaler:
                 for wx in px.windows:
                     groups.setdefault((py.length, px.length), []).append((index, wy, wx))
         outputs: list[np.ndarray | None] = [None] * len(images)
+
+        def place(chunk: list[tuple[int, Any, Any]], results: np.ndarray) -> None:
+            for (n, wy, wx), result in zip(chunk, results, strict=True):
+                py, px = plans[n]
+                if len(py.windows) == 1 and len(px.windows) == 1:  # the whole image
+                    outputs[n] = result
+                    continue
+                if outputs[n] is None:
+                    outputs[n] = np.zeros((3, py.size * s, px.size * s), dtype=np.float32)
+                weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
+                height, width = result.shape[1:]
+                outputs[n][:, wy.start * s : wy.start * s + height, wx.start * s : wx.start * s + width] += (
+                    result * weight
+                )
+
+        # One batch in flight while the CPU gathers the next and places the last (on a GPU; on the
+        # CPU each launch computes before it returns, in the same order).
+        in_flight = None
         for (length_y, length_x), windows in groups.items():
             batch = self._batch_for(length_y, length_x)
             for i in range(0, len(windows), batch):
                 chunk = windows[i : i + batch]
-                inputs = np.stack(
-                    [
-                        images[n][:, wy.start : wy.start + length_y, wx.start : wx.start + length_x]
-                        for n, wy, wx in chunk
-                    ]
-                )
-                for (n, wy, wx), result in zip(chunk, self._run(inputs), strict=True):
-                    py, px = plans[n]
-                    if len(py.windows) == 1 and len(px.windows) == 1:  # the whole image
-                        outputs[n] = result
-                        continue
-                    if outputs[n] is None:
-                        outputs[n] = np.zeros((3, py.size * s, px.size * s), dtype=np.float32)
-                    weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
-                    region = np.s_[
-                        :, wy.start * s : (wy.start + length_y) * s, wx.start * s : (wx.start + length_x) * s
-                    ]
-                    outputs[n][region] += result * weight
+                inputs = self._host_buffer((len(chunk), 3, length_y, length_x))
+                staged = inputs.numpy()
+                for k, (n, wy, wx) in enumerate(chunk):
+                    staged[k] = images[n][:, wy.start : wy.start + length_y, wx.start : wx.start + length_x]
+                launched = (chunk, self._launch(inputs))
+                if in_flight is not None:
+                    place(in_flight[0], self._collect(in_flight[1]))
+                in_flight = launched
+        if in_flight is not None:
+            place(in_flight[0], self._collect(in_flight[1]))
         return outputs
 
     def upscale(self, image: np.ndarray) -> np.ndarray:
@@ -308,6 +352,17 @@ class Upscaler:
             )
             for image, p in zip(images, pixels, strict=True)
         ]
+
+
+@dataclass
+class _Pending:
+    """A batch ``Upscaler._launch`` started: its input on the device (for the fp32 redo), the output
+    (on the CPU, or being copied there until ``done``), and which windows came out finite."""
+
+    x: torch.Tensor
+    out: torch.Tensor
+    finite: torch.Tensor | None
+    done: torch.cuda.Event | None
 
 
 def _check_pixels(image: Any) -> None:

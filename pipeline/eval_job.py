@@ -24,7 +24,14 @@ import numpy as np
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
 from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
-from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
+from pipeline.raycluster import (
+    actor_device,
+    actor_pool,
+    actor_strategy,
+    connect,
+    data_context,
+    dataset_batches,
+)
 
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
 
@@ -150,8 +157,6 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     Raises ``WeightsError`` (before Ray work), ``DatasetError`` from ``load_benchmark`` (e.g. a
     loading-script hub set), or the ``PipelineError`` that made an actor fail.
     """
-    import ray
-    import ray.data
 
     from pipeline.datasets import open_pairs
     from pipeline.storage import check_writable
@@ -170,7 +175,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     scored = ds.map_batches(
         EvalActor,
         fn_constructor_kwargs={"job": job},
-        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        compute=actor_strategy(pool),
         num_gpus=pool["num_gpus"],
         num_cpus=pool["num_cpus"],
         batch_size=job.images_per_batch,

@@ -305,14 +305,26 @@ def _after_shutdown(hook: Callable[[Any], None]) -> Callable[[Any], None]:
 def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
     """Map-batches actor settings: one GPU per actor where the cluster has GPUs, else CPU actors
     reserving ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one
-    per CPU unless ``actors`` says how many."""
+    per CPU unless ``actors`` says how many.
+
+    ``calls``: Ray Data calls an actor takes at once. A GPU actor takes 2: while its model runs one
+    batch (one at a time still), Ray fetches and formats the next one in the actor's other thread,
+    so the GPU does not wait for it. A CPU actor takes 1: its one core is busy computing."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": 1}
-    return {"size": actors or max(1, int(resources.get("CPU", 1))), "num_gpus": 0, "num_cpus": actor_cpus}
+        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": 1, "calls": 2}
+    size = actors or max(1, int(resources.get("CPU", 1)))
+    return {"size": size, "num_gpus": 0, "num_cpus": actor_cpus, "calls": 1}
+
+
+def actor_strategy(pool: dict[str, Any]):
+    """Ray Data's compute strategy for an ``actor_pool``."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=pool["calls"])
 
 
 def actor_device(requested: str) -> str:

@@ -106,7 +106,9 @@ def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, flo
     from pipeline.jobspec import InferenceSpec
 
     report = evaluate(
-        build_upscaler(InferenceSpec(), model.scale, model=model, device=str(device)), "val", pairs
+        build_upscaler(InferenceSpec(precision="fp32"), model.scale, model=model, device=str(device)),
+        "val",
+        pairs,
     )
     return report.psnr_y, report.ssim_y
 

@@ -34,7 +34,14 @@ from pipeline.jobspec import UpscaleJob
 from pipeline.lease import Lease, LeaseRecord, new_run_id
 from pipeline.ledger import RunLog
 from pipeline.planner import Collision, Plan, plan
-from pipeline.raycluster import actor_device, actor_pool, connect, data_context, dataset_batches
+from pipeline.raycluster import (
+    actor_device,
+    actor_pool,
+    actor_strategy,
+    connect,
+    data_context,
+    dataset_batches,
+)
 from pipeline.sinks import output_name
 from pipeline.sources import COLLISION, InputUnit, collision_message, read_unit
 from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
@@ -82,7 +89,7 @@ def read_stage(
                  "unit": unit["rel"], "unit_size": unit["size"], "unit_version": unit["version"],
                  "unit_rows": len(rows),
                  "input_sha256": hashlib.sha256(r.data).hexdigest() if r.data else "",
-                 "error_type": r.error_type, "error": r.error, "seconds": 0.0,
+                 "error_type": r.error_type, "error": r.error, "seconds": 0.0, "precision": "",
                  "image": None, "output": None,
                  "psnr_vs_bicubic": None,
                  "input_width": 0, "input_height": 0, "input_mode": "", "output_width": 0, "output_height": 0}
@@ -145,6 +152,7 @@ class UpscaleActor:
             # "image" stays: the quality gate compares with it, and its alpha is enlarged
             row["output"] = dataclasses.replace(row["image"], pixels=output, alpha=None)
             row["seconds"] += seconds * row["image"].pixels.size / pixels
+            row["precision"] = self.upscaler.precision
         return _batch(rows)
 
 
@@ -319,7 +327,7 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any]):
         .map_batches(
             UpscaleActor,
             fn_constructor_kwargs={"job": job, "threads": pool["threads"]},
-            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+            compute=actor_strategy(pool),
             num_gpus=pool["num_gpus"],
             num_cpus=pool["num_cpus"],
             **per_image,
@@ -423,6 +431,7 @@ def _run_leased(
         "given_up": counts["given_up"],  # failed max_attempts times before: not tried again
         "suspect": recorder.suspect,  # succeeded, but flagged by the quality gate (see _errors)
         "files": {k: work.units[k] for k in ("new", "changed", "retried", "unfinished", "redone")},
+        "precision": dict(recorder.precisions),  # outputs by the precision PAN ran in
         "input_megapixels": pixels["input"] / 1e6,
         "output_megapixels": pixels["output"] / 1e6,
         "seconds": seconds,
@@ -439,12 +448,14 @@ def _run_leased(
 class Recorder:
     """Turns the rows that reach the driver into the run's ledger entries, Parquet rows and errors
     (``RunLog``), and counts them: ``counts`` by status (succeeded, failed, skipped, gave_up),
-    ``suspect``, and input and output ``pixels``."""
+    ``suspect``, input and output ``pixels``, and the outputs by the ``precisions`` PAN ran in (with
+    ``precision=auto`` each actor measures its own: the summary says what was chosen)."""
 
     def __init__(self, job: UpscaleJob, record: sinks.DestinationRecord, log: RunLog, work: Plan) -> None:
         self.job, self.record, self.log, self.work = job, record, log, work
         self.counts = Counter(succeeded=0, failed=0, skipped=work.skipped, given_up=work.gave_up)
         self.pixels = Counter(input=0, output=0)
+        self.precisions: Counter = Counter()
         self.suspect = 0
 
     def _entry(self, row: dict[str, Any], status: str, attempts: int, sinks_: set[str], **error: str) -> dict:
@@ -497,6 +508,7 @@ class Recorder:
                 self.log.add(self._entry(row, "adopted", 0, done))
             return
         self.counts["succeeded"] += 1
+        self.precisions[row["precision"]] += 1
         self.pixels.update(
             input=row["input_width"] * row["input_height"], output=row["output_width"] * row["output_height"]
         )

@@ -130,8 +130,8 @@ def test_upscale_many_batches_windows_across_images_and_matches_one_by_one(offic
     tiled = Upscaler(official[2], device="cpu", tile=48, batch_size=8)
     alone = [tiled.upscale(image) for image in images]
     shapes: list[tuple[int, ...]] = []
-    run = tiled._run
-    monkeypatch.setattr(tiled, "_run", lambda batch: shapes.append(batch.shape) or run(batch))
+    launch = tiled._launch
+    monkeypatch.setattr(tiled, "_launch", lambda batch: shapes.append(tuple(batch.shape)) or launch(batch))
     together = tiled.upscale_many(images)
     for one, many in zip(alone, together, strict=True):
         assert one.dtype == many.dtype and np.array_equal(one, many)
@@ -140,6 +140,31 @@ def test_upscale_many_batches_windows_across_images_and_matches_one_by_one(offic
     whole = Upscaler(official[2], device="cpu", tile=0)
     for image, many in zip(images, together, strict=True):
         assert np.abs(whole.upscale(image).astype(int) - many).max() <= 1
+
+
+def test_the_next_batch_is_launched_before_the_last_one_is_collected(official, set14_lr, monkeypatch):
+    """One batch stays in flight: on a GPU the copy in, the model and the copy out of batch i+1 are
+    queued before the CPU waits for batch i and places it, so the GPU never waits for the CPU's
+    gathering and blending. (The same loop runs on the CPU, where each launch computes at once.)"""
+    up = Upscaler(official[2], device="cpu", tile=48, batch_size=4)
+    events: list[str] = []
+    launch, collect = up._launch, up._collect
+
+    def launched(batch):
+        events.append(f"launch {len([e for e in events if e.startswith('launch')])}")
+        return launch(batch)
+
+    def collected(pending):
+        events.append(f"collect {len([e for e in events if e.startswith('collect')])}")
+        return collect(pending)
+
+    monkeypatch.setattr(up, "_launch", launched)
+    monkeypatch.setattr(up, "_collect", collected)
+    image = set14_lr[2][0][:100, :120]  # 3 x 3 windows of 96 x 96: batches of 4, 4 and 1
+    out = up.upscale(image)
+    assert events == ["launch 0", "launch 1", "collect 0", "launch 2", "collect 1", "collect 2"]
+    monkeypatch.undo()
+    assert np.array_equal(out, up.upscale(image))
 
 
 def test_compile_is_bounded_and_falls_back_to_eager(official, monkeypatch):
@@ -199,7 +224,8 @@ def test_precision_auto_picks_the_fastest_precision_of_equal_quality(monkeypatch
     monkeypatch.setattr(engine, "EQUAL_QUALITY", {"cpu": ("fp32",)})
     assert engine.fastest_precision(PAN(scale=2), cpu) == "fp32"  # one candidate: nothing to time
     monkeypatch.setattr(engine, "EQUAL_QUALITY", {"cpu": ("fp32", "bf16")})
-    for clock, fastest in (([0, 10, 10, 11], "bf16"), ([0, 1, 1, 11], "fp32")):  # fp32 timed first
+    # fp32 timed first; bf16 must be 1.25x as fast to be chosen
+    for clock, fastest in (([0, 10, 10, 11], "bf16"), ([0, 1, 1, 11], "fp32"), ([0, 10, 10, 19], "fp32")):
         ticks = iter(clock)
         monkeypatch.setattr(engine.time, "perf_counter", lambda ticks=ticks: next(ticks))
         assert engine.fastest_precision(PAN(scale=2), cpu, side=16, rounds=1) == fastest

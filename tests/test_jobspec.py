@@ -112,6 +112,16 @@ def test_tile_means_auto_or_whole_or_pixels_everywhere():
             UpscaleJob(source="s3://a/b", dest="s3://a/c", scale=2, tile=bad)
 
 
+def test_upscaling_defaults_to_precision_auto_and_evaluation_to_fp32():
+    """Pictures get the fastest precision of equal quality; the paper's figures are fp32 ones."""
+    assert UpscaleJob(source="s3://a/b", dest="s3://a/c", scale=2).precision == AUTO
+    assert EvalJob(data="a", scale=2).precision == "fp32"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command, default in (("upscale", AUTO), ("upscale-image", AUTO), ("compare", AUTO), ("eval", "fp32")):
+        (action,) = [a for a in commands[command]._actions if a.dest == "precision"]
+        assert f"(default: {default})" in action.help, command
+
+
 def test_eval_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = EvalJob(data=("a", "b", "./a"), scale=(3, 2, 3), weights="w/PANx{scale}.pth")

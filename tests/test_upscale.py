@@ -69,14 +69,16 @@ def _errors(dest) -> dict[str, str]:
 def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights_dir, tmp_path, capsys):
     dest = tmp_path / "out"
     weights = str(weights_dir / "PANx4_DF2K.pth")
-    assert main(["upscale", str(mixed_inputs), str(dest), "--scale", "4", "--weights", weights]) == 0
+    # fp32 (not the default auto): the outputs are compared with single-image ones below
+    fp32 = ["--weights", weights, "--precision", "fp32"]
+    assert main(["upscale", str(mixed_inputs), str(dest), "--scale", "4", *fp32]) == 0
     written = {f for f in list_files(str(dest)) if not f.startswith("_")}
     assert written == _expected_pngs(mixed_inputs)
     # each output equals what `pan upscale-image` writes for that file
     for name in ["sub/gray.png", "sub/alpha.png", "sub/deep16.png", "sub/comic.png", "baboonx4.png"]:
         src = next(mixed_inputs.glob(f"{name[:-4]}.*"))
         single = tmp_path / "single.png"
-        assert main(["upscale-image", str(src), str(single), "--scale", "4", "--weights", weights]) == 0
+        assert main(["upscale-image", str(src), str(single), "--scale", "4", *fp32]) == 0
         ours, theirs = decode_image((dest / name).read_bytes()), decode_image(single.read_bytes())
         # Same pipeline of code; torch's thread count differs between a Ray actor and the CLI, which
         # can flip a rounding: pixels agree within one level, everything else exactly.
@@ -94,6 +96,7 @@ def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights
     assert summary["succeeded"] == len(_expected_pngs(mixed_inputs)) and summary["failed"] == 3
     assert summary["inputs"] == summary["succeeded"] + summary["failed"] + summary["skipped"]
     assert summary["output_megapixels"] == pytest.approx(16 * summary["input_megapixels"])
+    assert summary["precision"] == {"fp32": summary["succeeded"]}
     capsys.readouterr()
 
     again = run_upscale(UpscaleJob(source=str(mixed_inputs), dest=str(dest), scale=4, weights=weights))
@@ -120,6 +123,8 @@ def test_s3_to_s3(local_ray, s3_server, benchmarks_dir, weights_dir):
     )
     summary = run_upscale(job)
     assert (summary["succeeded"], summary["failed"]) == (5, 1)
+    # precision auto (the default): each actor's choice, counted per output
+    assert sum(summary["precision"].values()) == 5 and set(summary["precision"]) <= {"fp32", "bf16"}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="photos", Prefix="out/")["Contents"]}
     assert {f"out/nested/{p.name}" for p in lr} <= keys and "out/_summary.json" in keys
     body = s3.get_object(Bucket="photos", Key="out/nested/birdx4.png")["Body"].read()
@@ -168,9 +173,9 @@ def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weigh
 
 def test_cpu_cluster_gets_one_single_threaded_model_actor_per_cpu(local_ray):
     job = UpscaleJob(source="in", dest="out", scale=2)
-    assert model_pool(job, 100) == {"size": 2, "num_gpus": 0, "num_cpus": 0.5, "threads": 1}
+    assert model_pool(job, 100) == {"size": 2, "num_gpus": 0, "num_cpus": 0.5, "calls": 1, "threads": 1}
     # fewer actors than CPUs (asked for, or one input): each computes on its share of the cores
-    assert model_pool(job, 1) == {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 2}
+    assert model_pool(job, 1) == {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "calls": 1, "threads": 2}
     assert model_pool(job.model_copy(update={"actors": 1}), 100)["threads"] == 2
 
 
