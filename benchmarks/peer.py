@@ -14,8 +14,9 @@ a. **super-image as its README uses it**: ``preds = model(ImageLoader.load_image
 b. **super-image used well**: the same model and loader, under ``torch.inference_mode()``, with the
    model and its input in ``channels_last``.
 c. **our engine**: ``build_upscaler(InferenceSpec(weights=path, device="cpu"), s).upscale(pixels)``
-   with every other setting at its default (fp32, tile ``auto``, batch ``auto``, no compile);
-   ``--precision bf16|auto`` runs ours in that precision instead.
+   with every other setting at its default (precision ``auto``: bf16 on a CPU where it is at least
+   1.25x fp32, else fp32; tile ``auto``, batch ``auto``, no compile); ``--precision fp32|bf16``
+   runs ours in that precision instead.
 
 Each contender's timed call goes from the PIL image to an H x W x 3 uint8 array (for ours,
 ``np.asarray(image)`` is inside the timing too).
@@ -76,6 +77,7 @@ for _name in ("torchvision", "torchvision.transforms", "torchvision.transforms.t
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flops import ConvMacs, dense_conv_gflops  # noqa: E402  (benchmarks/flops.py)
 from PIL import Image  # noqa: E402
 from super_image import ImageLoader, PanConfig, PanModel  # noqa: E402
 from torch import nn  # noqa: E402
@@ -87,8 +89,6 @@ from pipeline.metrics import psnr_y  # noqa: E402
 SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 HD_SOURCE = "monarch.png"  # Set14 HR image the 1920x1080-output workload is made from
 HD_LR_SIZE = (480, 270)  # width, height
-DENSE_SHAPE = (1, 64, 256, 256)
-DENSE_REPS = 5
 
 Contender = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 
@@ -188,27 +188,6 @@ def ours(upscaler: Upscaler) -> Contender:
 # -- counting and timing ----------------------------------------------------------------------------
 
 
-class ConvMacs:
-    """Sums the MACs of every ``nn.Conv2d`` forward of ``model`` while active (a context manager)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.macs, self._handles = model, 0, []
-
-    def _hook(self, conv: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
-        n, out_c, out_h, out_w = output.shape
-        kh, kw = conv.kernel_size
-        self.macs += n * out_h * out_w * out_c * (conv.in_channels // conv.groups) * kh * kw
-
-    def __enter__(self) -> ConvMacs:
-        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
-        self._handles = [m.register_forward_hook(self._hook) for m in convs]
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def model_macs(model: nn.Module, workload: Workload) -> int:
     """Conv MACs of one whole-image forward pass per image of the workload."""
     total = 0
@@ -234,22 +213,6 @@ def time_pass(run: Contender, workload: Workload) -> float:
     for image in workload.images:
         run(image)
     return time.perf_counter() - start
-
-
-def dense_conv_gflops() -> float:
-    """GFLOP/s of a 3x3 64->64 conv, channels_last fp32, 1x64x256x256, inference_mode (median)."""
-    conv = nn.Conv2d(64, 64, 3, padding=1).eval().to(memory_format=torch.channels_last)
-    x = torch.rand(DENSE_SHAPE).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        conv(x)  # warm-up: oneDNN picks and builds its kernel
-        with ConvMacs(conv) as counter:
-            conv(x)
-        times = []
-        for _ in range(DENSE_REPS):
-            start = time.perf_counter()
-            conv(x)
-            times.append(time.perf_counter() - start)
-    return 2 * counter.macs / statistics.median(times) / 1e9
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -365,8 +328,8 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
     parser.add_argument(
         "--precision",
-        default="fp32",
-        help="ours: fp32 (the default setting), bf16 or auto (fastest at equal quality)",
+        default=InferenceSpec.model_fields["precision"].default,
+        help="ours: auto (the default setting: fastest at equal quality), fp32 or bf16",
     )
     args = parser.parse_args()
 

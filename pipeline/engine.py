@@ -39,7 +39,7 @@ from pipeline.jobspec import AUTO, PRECISIONS, InferenceSpec
 from pipeline.model import PAN
 from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
 MAX_COMPILED_SHAPES = 8  # window shapes compiled per Upscaler; others run eagerly
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: 
     x = torch.linspace(0, 1, 3 * side * side).reshape(1, 3, side, side).to(device)
     times = {}
     for precision in candidates:
-        dtype = _DTYPES[precision]
+        dtype = DTYPES[precision]
         trial = copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         with torch.inference_mode():
             xp = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -179,10 +179,10 @@ class Upscaler:
         self.context = context
         self.batch_size = batch_size
         self.memory_budget = memory_budget or default_memory_budget(self.device)
-        self._bytes_per_px = bytes_per_lr_pixel(model, _DTYPES[precision])
+        self._bytes_per_px = bytes_per_lr_pixel(model, DTYPES[precision])
         self.weights_info = getattr(model, "weights_info", None)
         self._fp32 = self._prepare(model, torch.float32)
-        self._model = self._fp32 if precision == "fp32" else self._prepare(model, _DTYPES[precision])
+        self._model = self._fp32 if precision == "fp32" else self._prepare(model, DTYPES[precision])
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
 
@@ -227,7 +227,7 @@ class Upscaler:
         # The network's detail in the run's precision, the bilinear image path in fp32: in bf16 the
         # input itself loses up to half a level, which the skip would carry straight to the output
         # (Set5 x2: -0.0201 dB with everything in bf16, -0.0045 dB so; benchmarks/README.md).
-        out = self._forward(x.to(_DTYPES[self.precision])).float() + self._fp32.skip(x)
+        out = self._forward(x.to(DTYPES[self.precision])).float() + self._fp32.skip(x)
         finite = None if self._model is self._fp32 else torch.isfinite(out).flatten(1).all(dim=1)
         out.clamp_(0, 1)
         if not cuda:

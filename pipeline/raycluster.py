@@ -313,11 +313,20 @@ def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
     import ray
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
     if gpus:
-        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": 1, "calls": 2}
-    size = actors or max(1, int(resources.get("CPU", 1)))
-    return {"size": size, "num_gpus": 0, "num_cpus": actor_cpus, "calls": 1}
+        size = actors or gpus
+        return {"size": size, "num_gpus": 1, "num_cpus": _leave_a_cpu(1, size, cpus), "calls": 2}
+    size = actors or max(1, int(cpus))
+    return {"size": size, "num_gpus": 0, "num_cpus": _leave_a_cpu(actor_cpus, size, cpus), "calls": 1}
+
+
+def _leave_a_cpu(wanted: float, size: int, cpus: float) -> float:
+    """The CPUs each of ``size`` actors may reserve, at most ``wanted``, so that one CPU stays
+    free for the tasks around them (read, decode, encode, write reserve one each). On a 1-CPU
+    machine (or a 2-CPU one with a GPU) the actors took it all before, and the run hung: no task
+    could start. Reserving less only lets processes share cores, which they do anyway."""
+    return max(0.0, min(wanted, (cpus - 1) / size))
 
 
 def actor_strategy(pool: dict[str, Any]):

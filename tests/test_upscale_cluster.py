@@ -159,6 +159,25 @@ def test_losing_a_node_mid_run_still_gives_every_output(many_inputs, weights_dir
         cluster.shutdown()
 
 
+@pytest.mark.timeout(300)
+def test_one_cpu_machine_leaves_the_cpu_to_the_tasks_and_finishes(benchmarks_dir, weights_dir, tmp_path):
+    """On one CPU, an actor reserving half of it left no room for the 1-CPU read/decode/encode
+    tasks: the run hung. The actor now reserves none, and shares the core."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        src = benchmarks_dir / "Set5/LR_bicubic/X4"
+        job = UpscaleJob(
+            source=str(src), dest=str(tmp_path / "out"), scale=4, weights=str(weights_dir / "PANx4_DF2K.pth")
+        )
+        assert model_pool(job, 5) == {"size": 1, "num_gpus": 0, "num_cpus": 0.0, "calls": 1, "threads": 1}
+        assert run_upscale(job)["succeeded"] == 5
+    finally:
+        ray.shutdown()
+
+
 def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weights_dir, tmp_path):
     import ray
 

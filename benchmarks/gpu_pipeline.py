@@ -1,0 +1,224 @@
+"""The GPU path (issue 11): PAN's rate on one GPU and its share of the card's convolution rate, how
+busy the pipeline keeps that GPU, and how many CPU cores per GPU the stages around the model
+(read, decode, encode, write) need to keep up.
+
+Needs CUDA and ``../shared`` (or ``PAN_SHARED``); without them it prints ``SKIPPED: ...`` and exits 0.
+Prepared to fit a lent device's time (about 4 minutes with the defaults)::
+
+    .venv/bin/python benchmarks/gpu_pipeline.py [--scale 4] [--cpus 2,4,8] [--seconds 40] [--json F]
+
+``--device cpu`` runs the same steps on the CPU (no busy fraction): a check of the script itself.
+
+1. **Engine**: ``build_upscaler(InferenceSpec(weights=..., device="cuda"), s)``, the job's inference
+   defaults (precision ``auto``), ``upscale_many`` over the decoded workload in groups of the job's
+   ``images_per_batch``, synchronized. Output MP/s, and fp32-equivalent GFLOP/s: convolution MACs
+   counted by hooks over one pass (``flops.ConvMacs``) against the dense 3x3 64-channel rate
+   measured in the same run, in the engine's precision and in fp32 (``flops.dense_conv_gflops``).
+2. **Pipeline**, once per ``--cpus N``: an embedded Ray with N CPUs and 1 GPU (one GPU actor),
+   ``run_upscale`` with the job's defaults, Ray's start-up included. Meanwhile ``nvidia-smi`` samples
+   the GPU's utilization (the share of time a kernel ran) every 100 ms. **Busy fraction** = mean of
+   those samples from the first finished batch to the end (steady state), and over the whole run.
+3. **Cores per GPU**: the smallest N whose pipeline MP/s is within 5 % of the best N's.
+
+The workload is Set14 + Set5 LR at the scale, copied as in ``upscale_throughput.py`` so that the
+engine runs about ``--seconds`` per pass (each pipeline run then takes about as long or longer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from flops import ConvMacs, dense_conv_gflops
+from upscale_throughput import SHARED, workload_files
+
+CLOSE_TO_BEST = 0.95  # the cores that keep up: within 5 % of the best rate
+
+
+class GpuSampler:
+    """``nvidia-smi``'s utilization.gpu every 100 ms, in a thread, with the time of each sample."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+        self._process = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for text in self._process.stdout:
+            first = text.strip().split(",")[0].strip()
+            if first.isdigit():
+                self.samples.append((time.perf_counter(), float(first) / 100))
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
+
+    def mean(self, since: float = 0.0) -> float | None:
+        values = [v for t, v in self.samples if t >= since]
+        return sum(values) / len(values) if values else None
+
+
+def decoded(files: list[Path]) -> list[Any]:
+    from pipeline.imaging import decode_image
+
+    return [decode_image(f.read_bytes(), name=f.name).pixels for f in files]
+
+
+def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str, float]:
+    """One synchronized warm pass: output MP/s and fp32-equivalent GFLOP/s."""
+    import torch
+
+    sync = torch.cuda.synchronize if upscaler.device.type == "cuda" else (lambda: None)
+    groups = [pixels[i : i + per_call] for i in range(0, len(pixels), per_call)]
+    with ConvMacs(upscaler._model) as counter:  # the engine's prepared PAN: convolutions it runs
+        for group in groups:
+            upscaler.upscale_many(group)  # warm-up: cuDNN plans, allocator
+    sync()
+    start = time.perf_counter()
+    megapixels = sum(out.shape[0] * out.shape[1] for group in groups for out in upscaler.upscale_many(group))
+    sync()
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "output_megapixels": megapixels / 1e6,
+        "mp_per_second": megapixels / 1e6 / seconds,
+        "gflops_fp32_equivalent": 2 * counter.macs / seconds / 1e9,
+    }
+
+
+def make_copies(files: list[Path], copies: int, root: Path) -> None:
+    for i in range(copies):
+        folder = root / f"copy{i:04d}"
+        folder.mkdir(parents=True)
+        for src in files:
+            shutil.copyfile(src, folder / f"{src.parents[2].name}_{src.name}")
+
+
+def pipeline_run(source: Path, dest: Path, scale: int, weights: Path, cpus: int, device: str) -> dict:
+    import ray
+
+    from pipeline.jobspec import UpscaleJob
+    from pipeline.upscale import run_upscale
+
+    gpus = 1 if device == "cuda" else 0
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    sampler = GpuSampler() if gpus and shutil.which("nvidia-smi") else None  # None: busy not measured
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def on_progress(counts: Counter, _pixels: int, _total: int | None) -> None:
+        if counts["succeeded"] + counts["failed"] and not first:
+            first.append(time.perf_counter())
+
+    try:
+        job = UpscaleJob(source=str(source), dest=str(dest), scale=scale, weights=str(weights))
+        summary = run_upscale(job, on_progress=on_progress)
+        wall = time.perf_counter() - start
+    finally:
+        if sampler:
+            sampler.stop()
+        ray.shutdown()
+    shutil.rmtree(dest, ignore_errors=True)
+    return {
+        "cpus": cpus,
+        "wall_seconds": wall,
+        "mp_per_second": summary["output_megapixels"] / wall,
+        "succeeded": summary["succeeded"],
+        "failed": summary["failed"],
+        "precision": summary["precision"],
+        "first_batch_seconds": first[0] - start if first else None,
+        "gpu_busy_steady": sampler.mean(first[0]) if sampler and first else None,
+        "gpu_busy_whole_run": sampler.mean() if sampler else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
+    parser.add_argument("--cpus", default="2,4,8", help="Ray CPUs of each pipeline run (comma-separated)")
+    parser.add_argument("--seconds", type=float, default=40.0, help="engine seconds per pass (sets copies)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    cpus = [int(n) for n in args.cpus.split(",")]
+
+    import torch
+
+    weights = SHARED / "weights" / f"PANx{args.scale}_DF2K.pth"
+    files = workload_files(args.scale)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("SKIPPED: CUDA sees no GPU here (run it where `device` lends one)")
+        return 0
+    if not weights.is_file() or not files:
+        print(f"SKIPPED: benchmark images or weights not found under {SHARED}; set PAN_SHARED")
+        return 0
+
+    from pipeline.engine import DTYPES, build_upscaler
+    from pipeline.jobspec import InferenceSpec, UpscaleJob
+
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device=args.device), args.scale)
+    per_call = UpscaleJob.model_fields["images_per_batch"].default
+    print(f"{card}: torch {torch.__version__}, PAN x{args.scale}, precision auto -> {upscaler.precision}")
+    pixels = decoded(files)
+    one = engine_figures(upscaler, pixels, per_call)
+    copies = max(1, math.ceil(args.seconds / one["seconds"]))
+    engine = engine_figures(upscaler, pixels * copies, per_call)
+    dense = {
+        upscaler.precision: dense_conv_gflops(args.device, DTYPES[upscaler.precision]),
+        "fp32": dense_conv_gflops(args.device, torch.float32),
+    }
+    print(
+        f"engine: {engine['mp_per_second']:.2f} output MP/s over {copies} x {len(files)} images, "
+        f"{engine['gflops_fp32_equivalent']:.0f} GFLOP/s fp32-equivalent; dense 3x3 conv "
+        + ", ".join(
+            f"{p} {g:.0f} GFLOP/s (engine at {engine['gflops_fp32_equivalent'] / g:.1%})"
+            for p, g in dense.items()
+        )
+    )
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="pan-gpu-bench-") as tmp:
+        source = Path(tmp) / "in"
+        make_copies(files, copies, source)
+        for n in cpus:
+            run = pipeline_run(source, Path(tmp) / f"out{n}", args.scale, weights, n, args.device)
+            runs.append(run)
+            busy = run["gpu_busy_steady"]
+            print(
+                f"pipeline, {n} CPUs: {run['mp_per_second']:.2f} output MP/s "
+                f"({run['mp_per_second'] / engine['mp_per_second']:.2f} of the engine), "
+                f"{run['succeeded']} succeeded, {run['failed']} failed, first batch after "
+                f"{run['first_batch_seconds'] or float('nan'):.1f} s, GPU busy "
+                + (
+                    f"{busy:.0%} steady, {run['gpu_busy_whole_run']:.0%} whole run"
+                    if busy is not None
+                    else "n/a"
+                )
+            )
+    best = max(r["mp_per_second"] for r in runs)
+    enough = min(r["cpus"] for r in runs if r["mp_per_second"] >= CLOSE_TO_BEST * best)
+    print(f"CPU cores per GPU that keep up (within 5% of the best rate): {enough} of {cpus}")
+    if args.json:
+        record = {
+            "card": card, "scale": args.scale, "precision": upscaler.precision, "copies": copies,
+            "engine": engine, "dense_gflops": dense, "pipeline": runs, "cores_per_gpu": enough,
+        }  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
