@@ -233,7 +233,9 @@ def _run_upscale(job) -> int:
         f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
         f"{summary['skipped']} skipped, {summary['given_up']} given up; "
         f"{summary['output_megapixels']:.1f} MP out in "
-        f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s) -> {job.dest}"
+        f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s"
+        + "".join(f", {n} in {p}" for p, n in sorted(summary["precision"].items()))
+        + f") -> {job.dest}"
     )
     if summary["suspect"]:
         print(

@@ -97,7 +97,7 @@ def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights
     assert summary["inputs"] == summary["succeeded"] + summary["failed"] + summary["skipped"]
     assert summary["output_megapixels"] == pytest.approx(16 * summary["input_megapixels"])
     assert summary["precision"] == {"fp32": summary["succeeded"]}
-    capsys.readouterr()
+    assert f"MP/s, {summary['succeeded']} in fp32) -> {dest}" in capsys.readouterr().out
 
     again = run_upscale(UpscaleJob(source=str(mixed_inputs), dest=str(dest), scale=4, weights=weights))
     assert again["skipped"] == summary["succeeded"] and again["succeeded"] == 0 and again["failed"] == 3
