@@ -78,31 +78,34 @@ EQUAL_QUALITY = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 AUTO_MIN_SPEEDUP = 1.25
 
 
-def fastest_precision(model: PAN, device: torch.device, side: int = 96, rounds: int = 3) -> str:
-    """The fastest of the device's ``EQUAL_QUALITY`` precisions it can run, timed on a
-    ``side`` x ``side`` window (best of ``rounds`` after a warm-up); fp32 when there is one, and
-    unless a reduced precision is at least ``AUTO_MIN_SPEEDUP`` times as fast."""
-    candidates = [
+def auto_candidates(device: torch.device) -> list[str]:
+    """The device's ``EQUAL_QUALITY`` precisions that it can run (fp32 first)."""
+    return [
         p
         for p in EQUAL_QUALITY[device.type]
         if p != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported()
     ]
-    if len(candidates) == 1:
-        return candidates[0]
+
+
+def fastest_precision(models: dict[str, PAN], device: torch.device, side: int = 96, rounds: int = 3) -> str:
+    """Of ``models`` (precision -> PAN prepared in it on ``device``, fp32 among them), the
+    precision whose residual (the part that runs in it) is fastest, timed on a ``side`` x ``side``
+    window (best of ``rounds`` after a warm-up); fp32 when it is the only one, and unless a reduced
+    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast."""
+    if len(models) == 1:
+        return next(iter(models))
     x = torch.linspace(0, 1, 3 * side * side).reshape(1, 3, side, side).to(device)
     times = {}
-    for precision in candidates:
-        dtype = DTYPES[precision]
-        trial = copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    for precision, trial in models.items():
         with torch.inference_mode():
-            xp = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            trial(xp)
+            xp = x.to(DTYPES[precision]).contiguous(memory_format=torch.channels_last)
+            trial.residual(xp)
             best = math.inf
             for _ in range(rounds):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                trial(xp)
+                trial.residual(xp)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best = min(best, time.perf_counter() - start)
@@ -167,8 +170,14 @@ class Upscaler:
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
         self.device = resolve_device(device)
-        if precision == AUTO:
-            precision = fastest_precision(model, self.device)
+        self._fp32 = self._prepare(model, torch.float32)
+        candidates = {}
+        if precision == AUTO:  # the candidates are prepared once: the one chosen is kept
+            candidates = {
+                p: self._fp32 if p == "fp32" else self._prepare(model, DTYPES[p])
+                for p in auto_candidates(self.device)
+            }
+            precision = fastest_precision(candidates, self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise DeviceError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -181,8 +190,10 @@ class Upscaler:
         self.memory_budget = memory_budget or default_memory_budget(self.device)
         self._bytes_per_px = bytes_per_lr_pixel(model, DTYPES[precision])
         self.weights_info = getattr(model, "weights_info", None)
-        self._fp32 = self._prepare(model, torch.float32)
-        self._model = self._fp32 if precision == "fp32" else self._prepare(model, DTYPES[precision])
+        if precision in candidates:
+            self._model = candidates[precision]
+        else:
+            self._model = self._fp32 if precision == "fp32" else self._prepare(model, DTYPES[precision])
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
 

@@ -222,13 +222,16 @@ def test_precision_auto_picks_the_fastest_precision_of_equal_quality(monkeypatch
     cpu = torch.device("cpu")
     assert Upscaler(PAN(scale=2), device="cpu", precision="auto").precision in engine.EQUAL_QUALITY["cpu"]
     monkeypatch.setattr(engine, "EQUAL_QUALITY", {"cpu": ("fp32",)})
-    assert engine.fastest_precision(PAN(scale=2), cpu) == "fp32"  # one candidate: nothing to time
+    assert engine.auto_candidates(cpu) == ["fp32"]
+    assert engine.fastest_precision({"fp32": PAN(scale=2)}, cpu) == "fp32"  # one candidate: nothing to time
+    assert Upscaler(PAN(scale=2), device="cpu", precision="auto").precision == "fp32"
     monkeypatch.setattr(engine, "EQUAL_QUALITY", {"cpu": ("fp32", "bf16")})
+    models = {"fp32": PAN(scale=2).eval(), "bf16": PAN(scale=2).eval().to(torch.bfloat16)}
     # fp32 timed first; bf16 must be 1.25x as fast to be chosen
     for clock, fastest in (([0, 10, 10, 11], "bf16"), ([0, 1, 1, 11], "fp32"), ([0, 10, 10, 19], "fp32")):
         ticks = iter(clock)
         monkeypatch.setattr(engine.time, "perf_counter", lambda ticks=ticks: next(ticks))
-        assert engine.fastest_precision(PAN(scale=2), cpu, side=16, rounds=1) == fastest
+        assert engine.fastest_precision(models, cpu, side=16, rounds=1) == fastest
 
 
 @pytest.mark.integration
