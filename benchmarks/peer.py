@@ -4,8 +4,9 @@ Run ``bash benchmarks/peer_setup.sh`` once, then::
 
     benchmarks/.peer-venv/bin/python benchmarks/peer.py [--rounds 3] [--scale 4]
 
-Contenders, all in this one process, on the same decoded images (PIL, RGB) and the same official
-weights (``shared/weights/PANx{s}_DF2K.pth``, loaded strictly into both models):
+Contenders, on the same decoded images (PIL, RGB) and the same official weights
+(``shared/weights/PANx{s}_DF2K.pth``, loaded strictly into both models); super-image's in this
+process, ours in a process of its own (see "Two processes" below):
 
 a. **super-image as its README uses it**: ``preds = model(ImageLoader.load_image(image))``, without
    ``inference_mode``/``no_grad`` (the README shows none), then the prediction to uint8 as
@@ -48,6 +49,14 @@ What is measured:
   this CPU reaches on a convolution that keeps the cores busy. Each contender's achieved GFLOP/s is
   also shown as a fraction of it.
 
+Two processes: our engine makes the process that runs it keep the memory tensors free for reuse
+(``pipeline.engine.keep_freed_memory``, a glibc setting that holds for the whole process). In one
+process it would speed up super-image as well, which its users do not get. So our engine runs in a
+spawned process of its own, with the same torch threads, and super-image in this one with glibc's
+defaults: each contender in the state it has in real use. The processes take turns (one request at
+a time), so they never compute at once; rounds stay interleaved; our pass is timed inside its
+process, so the requests' transport is not in the timing. The dense conv is timed in this process.
+
 Why ``torchvision`` is stubbed: super-image declares torchvision as a dependency, but this CPU torch
 build has no matching torchvision wheel. Its model code and ``ImageLoader`` never use it; only its
 dataset code (``data/datasets.py``, ``data/builder.py``: ``transforms.FiveCrop`` for training
@@ -59,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import platform
 import statistics
@@ -68,6 +78,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Stub torchvision BEFORE importing super_image: super-image's dataset code imports
 # ``torchvision.transforms`` at import time, but the model and ImageLoader used here never touch it,
@@ -90,7 +101,7 @@ SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] /
 HD_SOURCE = "monarch.png"  # Set14 HR image the 1920x1080-output workload is made from
 HD_LR_SIZE = (480, 270)  # width, height
 
-Contender = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
+Run = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 
 
 # -- workloads --------------------------------------------------------------------------------------
@@ -137,7 +148,27 @@ def hd_image(scale: int) -> Workload:
     return Workload(f"{width}x{height} -> {width * scale}x{height * scale} (1 image)", [lr], None, scale)
 
 
+def workloads(scale: int) -> list[Workload]:
+    return [set14(scale), hd_image(scale)]
+
+
 # -- contenders -------------------------------------------------------------------------------------
+
+
+class Contender:
+    """One way of upscaling, run in this process: its pass over a workload, timed, and its outputs."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def seconds(self, workload: Workload) -> float:
+        start = time.perf_counter()
+        for image in workload.images:
+            self.run(image)
+        return time.perf_counter() - start
+
+    def outputs(self, workload: Workload) -> list[np.ndarray]:
+        return [self.run(image) for image in workload.images]
 
 
 def load_super_image(weights: Path, scale: int) -> PanModel:
@@ -164,7 +195,7 @@ def readme_style(model: PanModel) -> Contender:
         preds = model(inputs)
         return to_uint8(preds)
 
-    return run
+    return Contender(run)
 
 
 def used_well(model: PanModel) -> Contender:
@@ -175,14 +206,77 @@ def used_well(model: PanModel) -> Contender:
         inputs = ImageLoader.load_image(image).contiguous(memory_format=torch.channels_last)
         return to_uint8(model(inputs))
 
-    return run
+    return Contender(run)
 
 
-def ours(upscaler: Upscaler) -> Contender:
-    def run(image: Image.Image) -> np.ndarray:
-        return upscaler.upscale(np.asarray(image))
+class OursProcess(Contender):
+    """Our engine with the defaults (``--precision`` aside), in a spawned process of its own (see
+    "Two processes" in the module docstring); workloads are named by their index in ``workloads``."""
 
-    return run
+    def __init__(self, scale: int, precision: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        args = (child, scale, precision, torch.get_num_threads())
+        self._process = context.Process(target=_serve_ours, args=args, daemon=True)
+        self._process.start()
+        self._names = [w.name for w in workloads(scale)]
+        self.precision = self._ask("precision")
+
+    def _ask(self, what: str, workload: Workload | None = None) -> Any:
+        self._conn.send((what, None if workload is None else self._names.index(workload.name)))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"our engine's process failed:\n{value}")
+        return value
+
+    def seconds(self, workload: Workload) -> float:
+        return self._ask("seconds", workload)
+
+    def outputs(self, workload: Workload) -> list[np.ndarray]:
+        return self._ask("outputs", workload)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds our engine's process has used."""
+        return self._ask("cpu")
+
+    def executed(self, workload: Workload) -> tuple[int, list[int]]:
+        """Conv MACs the engine executes on the workload, and the tile sizes it uses."""
+        return self._ask("executed", workload)
+
+    def close(self) -> None:
+        self._conn.send(("exit", None))
+        self._process.join(timeout=30)
+
+
+def _serve_ours(conn: Any, scale: int, precision: str, threads: int) -> None:
+    """The body of ``OursProcess``: answers its requests until told to exit."""
+    import traceback
+
+    torch.set_num_threads(threads)
+    spec = InferenceSpec(weights=str(SHARED / "weights" / f"PANx{scale}_DF2K.pth"), device="cpu",
+                         precision=precision)  # fmt: skip
+    upscaler = build_upscaler(spec, scale)
+    ours = Contender(lambda image: upscaler.upscale(np.asarray(image)))
+    loads = workloads(scale)
+    while True:
+        what, index = conn.recv()
+        if what == "exit":
+            return
+        try:
+            if what == "precision":
+                value = upscaler.precision
+            elif what == "cpu":
+                value = time.process_time()
+            elif what == "seconds":
+                value = ours.seconds(loads[index])
+            elif what == "outputs":
+                value = ours.outputs(loads[index])
+            else:  # executed
+                tiles = sorted({upscaler.tile_size(im.height, im.width) for im in loads[index].images})
+                value = (engine_macs(upscaler, loads[index]), tiles)
+            conn.send((True, value))
+        except Exception:
+            conn.send((False, traceback.format_exc()))
 
 
 # -- counting and timing ----------------------------------------------------------------------------
@@ -208,13 +302,6 @@ def engine_macs(upscaler: Upscaler, workload: Workload) -> int:
     return counter.macs
 
 
-def time_pass(run: Contender, workload: Workload) -> float:
-    start = time.perf_counter()
-    for image in workload.images:
-        run(image)
-    return time.perf_counter() - start
-
-
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -224,15 +311,16 @@ class Result:
     psnr: float | None = None
 
 
-def mean_psnr(run: Contender, workload: Workload) -> float | None:
+def mean_psnr(contender: Contender, workload: Workload) -> float | None:
     if workload.hrs is None:
         return None
-    pairs = zip(workload.images, workload.hrs, strict=True)
-    return statistics.fmean(psnr_y(run(im), hr, crop=workload.scale) for im, hr in pairs)
+    pairs = zip(contender.outputs(workload), workload.hrs, strict=True)
+    return statistics.fmean(psnr_y(sr, hr, crop=workload.scale) for sr, hr in pairs)
 
 
 def max_level_difference(a: Contender, b: Contender, workload: Workload) -> int:
-    return max(int(np.abs(a(im).astype(int) - b(im).astype(int)).max()) for im in workload.images)
+    pairs = zip(a.outputs(workload), b.outputs(workload), strict=True)
+    return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in pairs)
 
 
 def benchmark(
@@ -241,26 +329,25 @@ def benchmark(
     """Warm-up (and PSNR) once, then ``rounds`` interleaved timed rounds; the dense conv each round."""
     results = {(w.name, c): Result() for w in workloads for c in contenders}
     for w in workloads:
-        for c, run in contenders.items():
-            results[w.name, c].psnr = mean_psnr(run, w)
-            time_pass(run, w)
+        for c, contender in contenders.items():
+            results[w.name, c].psnr = mean_psnr(contender, w)
+            contender.seconds(w)
     dense = []
     names = list(contenders)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for w in workloads:
             for c in order:
-                results[w.name, c].seconds.append(time_pass(contenders[c], w))
+                results[w.name, c].seconds.append(contenders[c].seconds(w))
         dense.append(dense_conv_gflops())
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     return results, dense
 
 
-def describe(workload: Workload, macs: int, upscaler: Upscaler, contenders: dict[str, Contender]) -> None:
+def describe(workload: Workload, macs: int, contenders: dict[str, Contender]) -> None:
     """Print the workload's size, conv MACs per output pixel, and how far the outputs differ."""
     px = workload.output_mp * 1e6
-    executed = engine_macs(upscaler, workload)
-    tiles = sorted({upscaler.tile_size(im.height, im.width) for im in workload.images})
+    executed, tiles = contenders["ours"].executed(workload)
     print(
         f"{workload.name}: {workload.output_mp:.3f} output MP; conv MACs {macs / 1e9:.3f} G = "
         f"{macs / px:.0f} per output pixel; ours executes {executed / px:.0f} per output pixel "
@@ -270,17 +357,18 @@ def describe(workload: Workload, macs: int, upscaler: Upscaler, contenders: dict
     print(f"  largest difference from ours, 8-bit levels: readme {diffs['readme']}, well {diffs['well']}")
 
 
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall, busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process)."""
+def cpu_seconds(ours: OursProcess) -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process and
+    of our engine's)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     tick = os.sysconf("SC_CLK_TCK")
-    return time.perf_counter(), (sum(fields[:8]) - idle) / tick, time.process_time()
+    return time.perf_counter(), (sum(fields[:8]) - idle) / tick, time.process_time() + ours.cpu_seconds()
 
 
-def others_cores(start: tuple[float, float, float]) -> float:
+def others_cores(start: tuple[float, float, float], ours: OursProcess) -> float:
     """Average cores that other processes kept busy since ``start`` (a ``cpu_seconds()``)."""
-    end = cpu_seconds()
+    end = cpu_seconds(ours)
     return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
 
 
@@ -337,23 +425,23 @@ def main() -> None:
     weights = SHARED / "weights" / f"PANx{args.scale}_DF2K.pth"
     peer = load_super_image(weights, args.scale)
     print(f"super-image PanModel: {weights.name} loaded strictly (all {len(peer.state_dict())} keys match)")
-    spec = InferenceSpec(weights=str(weights), device="cpu", precision=args.precision)
-    upscaler = build_upscaler(spec, args.scale)
-    contenders = {"readme": readme_style(peer), "well": used_well(peer), "ours": ours(upscaler)}
+    ours = OursProcess(args.scale, args.precision)
+    contenders = {"readme": readme_style(peer), "well": used_well(peer), "ours": ours}
     labels = {
         "readme": "a. super-image, README use",
         "well": "b. super-image, inference_mode + channels_last",
-        "ours": f"c. ours (defaults, precision {args.precision} -> {upscaler.precision})",
+        "ours": f"c. ours (defaults, precision {args.precision} -> {ours.precision}; own process)",
     }
-    workloads = [set14(args.scale), hd_image(args.scale)]
+    loads = workloads(args.scale)
 
-    macs = {w.name: model_macs(peer, w) for w in workloads}
-    for w in workloads:
-        describe(w, macs[w.name], upscaler, contenders)
+    macs = {w.name: model_macs(peer, w) for w in loads}
+    for w in loads:
+        describe(w, macs[w.name], contenders)
 
-    start = cpu_seconds()
-    results, dense = benchmark(contenders, workloads, args.rounds)
-    others = others_cores(start)
+    start = cpu_seconds(ours)
+    results, dense = benchmark(contenders, loads, args.rounds)
+    others = others_cores(start, ours)
+    ours.close()
     dense_rate = statistics.median(dense)
     print(f"\nMachine: {machine()}")
     print(f"torch.set_num_threads({os.cpu_count()}) for all contenders; {args.rounds} interleaved rounds.")
@@ -362,7 +450,7 @@ def main() -> None:
         f"Dense conv reference (3x3, 64->64, 1x64x256x256, channels_last fp32, inference_mode): "
         f"{dense_rate:.1f} GFLOP/s (median; rounds: {', '.join(f'{d:.1f}' for d in dense)})\n"
     )
-    print(table(results, workloads, labels, macs, dense_rate))
+    print(table(results, loads, labels, macs, dense_rate))
     print("\nSeconds per pass, by round:")
     for (wname, c), result in results.items():
         print(f"  {wname} | {labels[c]}: {', '.join(f'{s:.3f}' for s in result.seconds)}")
