@@ -188,7 +188,7 @@ def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weig
         weights = str(weights_dir / "PANx4_DF2K.pth")
         job = UpscaleJob(source=str(src), dest=str(tmp_path / "cpu"), scale=4, weights=weights, device="cpu")
         # one actor per GPU, taking the next batch while it computes (2 calls, one model run at a time)
-        assert model_pool(job, 5) == {"size": 1, "num_gpus": 1, "num_cpus": 1, "calls": 2, "threads": 2}
+        assert model_pool(job, 5) == {"size": 1, "num_gpus": 1, "num_cpus": 0.0, "calls": 2, "threads": 2}
         assert run_upscale(job)["succeeded"] == 5
         # the same actor on device "auto" must use its GPU, which CUDA cannot see here
         auto = UpscaleJob(source=str(src), dest=str(tmp_path / "auto"), scale=4, weights=weights)
