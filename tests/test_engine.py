@@ -260,9 +260,12 @@ y, x = np.mgrid[0:160, 0:160] / 160
 image = np.rint(np.stack([0.5 + 0.4 * np.sin(6 * x), 0.5 + 0.4 * np.cos(5 * y), 0.3 + 0.5 * x * y], 2) * 255)
 upscaler = engine.Upscaler(PAN(scale=4), device="cpu", precision="fp32", tile=0)
 upscaler.upscale(image.astype(np.uint8))  # the first pass takes its memory from the kernel
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-upscaler.upscale(image.astype(np.uint8))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+counts = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    upscaler.upscale(image.astype(np.uint8))
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(counts))
 """
 
 
@@ -271,9 +274,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 )
 def test_an_upscaler_reuses_freed_memory_instead_of_faulting_fresh_pages():
     """A 160x160 input at x4: its 640x640 activations (39 MB in fp32) are over glibc's mmap
-    threshold. Without the Upscaler's setting (the control, which shows the measure works) a second
-    pass takes every activation as fresh pages; with it, a few at most (measured 0 to 9,600 faults,
-    against 77,000 to 88,000: glibc's per-thread heaps still come and go)."""
+    threshold. Without the Upscaler's setting (the control, which shows the measure works) every
+    later pass takes every activation as fresh pages (77,000 to 88,000 faults); with it, the
+    fewest of three later passes faults none. (Single passes still fault 2,400-19,200 pages now
+    and then, in multiples of the output's size, so one pass alone is not a stable measure.)"""
     import subprocess
     import sys
 
@@ -285,4 +289,4 @@ def test_an_upscaler_reuses_freed_memory_instead_of_faulting_fresh_pages():
 
     without, with_setting = faults("off"), faults("on")
     assert without > 30_000
-    assert with_setting < without / 5
+    assert with_setting < without / 10
