@@ -202,13 +202,12 @@ class Upscaler:
         self.device = resolve_device(device)
         keep_freed_memory()
         self._fp32 = self._prepare(model, torch.float32)
-        candidates = {}
-        if precision == AUTO:  # the candidates are prepared once: the one chosen is kept
-            candidates = {
-                p: self._fp32 if p == "fp32" else self._prepare(model, DTYPES[p])
-                for p in auto_candidates(self.device)
-            }
-            precision = fastest_precision(candidates, self.device)
+        prepared = {"fp32": self._fp32}  # precision -> model prepared in it; the one chosen is kept
+        if precision == AUTO:
+            for p in auto_candidates(self.device):
+                if p not in prepared:
+                    prepared[p] = self._prepare(model, DTYPES[p])
+            precision = fastest_precision(prepared, self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise DeviceError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -221,10 +220,9 @@ class Upscaler:
         self.memory_budget = memory_budget or default_memory_budget(self.device)
         self._bytes_per_px = bytes_per_lr_pixel(model, DTYPES[precision])
         self.weights_info = getattr(model, "weights_info", None)
-        if precision in candidates:
-            self._model = candidates[precision]
-        else:
-            self._model = self._fp32 if precision == "fp32" else self._prepare(model, DTYPES[precision])
+        if precision not in prepared:
+            prepared[precision] = self._prepare(model, DTYPES[precision])
+        self._model = prepared[precision]
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
 
