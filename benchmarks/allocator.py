@@ -34,22 +34,16 @@ SETTINGS = ("kept", "default")
 WORKLOADS = ("hd", "set14", "mixed")
 
 
-def images(workload: str) -> list:
+def workload_images(workload: str) -> list:
     import numpy as np
+    from images import HD_SOURCE, hd_lr, rgb  # benchmarks/images.py
     from PIL import Image
-
-    def rgb(path: Path) -> Image.Image:
-        with Image.open(path) as image:
-            return image.convert("RGB")
 
     def lr(name: str) -> list:
         return [rgb(p) for p in sorted((SHARED / "benchmarks" / name / "LR_bicubic" / "X4").glob("*.png"))]
 
-    monarch = rgb(SHARED / "benchmarks" / "Set14" / "HR" / "monarch.png")
-    top = (monarch.height - monarch.width * 270 // 480) // 2
-    hd = monarch.crop((0, top, monarch.width, top + monarch.width * 270 // 480)).resize(
-        (480, 270), Image.BICUBIC
-    )
+    hd = hd_lr(SHARED)
+    monarch = rgb(SHARED / "benchmarks" / "Set14" / "HR" / HD_SOURCE)
     chosen = {
         "hd": [hd],
         "set14": lr("Set14"),
@@ -70,7 +64,7 @@ def child(setting: str, workload: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     weights = SHARED / "weights" / "PANx4_DF2K.pth"
     upscaler = engine.build_upscaler(InferenceSpec(weights=str(weights), device="cpu", precision="bf16"), 4)
-    pixels = images(workload)
+    pixels = workload_images(workload)
     megapixels = sum(p.shape[0] * p.shape[1] for p in pixels) * 16 / 1e6
     for p in pixels:
         upscaler.upscale(p)

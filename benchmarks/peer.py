@@ -89,6 +89,7 @@ for _name in ("torchvision", "torchvision.transforms", "torchvision.transforms.t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flops import ConvMacs, dense_conv_gflops  # noqa: E402  (benchmarks/flops.py)
+from images import HD_LR_SIZE, hd_lr, rgb  # noqa: E402  (benchmarks/images.py)
 from PIL import Image  # noqa: E402
 from super_image import ImageLoader, PanConfig, PanModel  # noqa: E402
 from torch import nn  # noqa: E402
@@ -98,9 +99,6 @@ from pipeline.jobspec import InferenceSpec  # noqa: E402
 from pipeline.metrics import psnr_y  # noqa: E402
 
 SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-HD_SOURCE = "monarch.png"  # Set14 HR image the 1920x1080-output workload is made from
-HD_LR_SIZE = (480, 270)  # width, height
-
 Run = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 
 
@@ -119,18 +117,13 @@ class Workload:
         return sum(im.width * im.height for im in self.images) * self.scale**2 / 1e6
 
 
-def _rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")  # Set14's bridge.png is grayscale: run as R = G = B
-
-
 def set14(scale: int) -> Workload:
     lr_dir = SHARED / "benchmarks" / "Set14" / "LR_bicubic" / f"X{scale}"
     hr_dir = SHARED / "benchmarks" / "Set14" / "HR"
     images, hrs = [], []
     for lr_path in sorted(lr_dir.glob("*.png")):
-        lr = _rgb(lr_path)
-        hr = np.asarray(_rgb(hr_dir / lr_path.name.replace(f"x{scale}.png", ".png")))  # baboonx4 -> baboon
+        lr = rgb(lr_path)
+        hr = np.asarray(rgb(hr_dir / lr_path.name.replace(f"x{scale}.png", ".png")))  # baboonx4 -> baboon
         images.append(lr)
         hrs.append(hr[: lr.height * scale, : lr.width * scale])
     if not images:
@@ -139,13 +132,11 @@ def set14(scale: int) -> Workload:
 
 
 def hd_image(scale: int) -> Workload:
-    """One LR image of 480x270: ``monarch.png`` centre-cropped to 16:9, then Pillow bicubic."""
-    hr = _rgb(SHARED / "benchmarks" / "Set14" / "HR" / HD_SOURCE)
+    """One LR image of 480x270 (``images.hd_lr``)."""
     width, height = HD_LR_SIZE
-    crop_h = hr.width * height // width
-    top = (hr.height - crop_h) // 2
-    lr = hr.crop((0, top, hr.width, top + crop_h)).resize(HD_LR_SIZE, Image.BICUBIC)
-    return Workload(f"{width}x{height} -> {width * scale}x{height * scale} (1 image)", [lr], None, scale)
+    return Workload(
+        f"{width}x{height} -> {width * scale}x{height * scale} (1 image)", [hd_lr(SHARED)], None, scale
+    )
 
 
 def workloads(scale: int) -> list[Workload]:
