@@ -20,6 +20,10 @@ Prepared to fit a lent device's time (about 4 minutes with the defaults)::
    those samples from the first finished batch to the end (steady state), and over the whole run.
 3. **Cores per GPU**: the smallest N whose pipeline MP/s is within 5 % of the best N's.
 
+``--variants`` adds, last, the engine in each precision the device offers, eager, and in
+auto's precision with ``compile`` (one graph per window shape, compiled during the warm-up pass,
+which is timed apart): what ``auto`` chose from, and what compiling adds.
+
 The workload is Set14 + Set5 LR at the scale, copied as in ``upscale_throughput.py`` so that the
 engine runs about ``--seconds`` per pass (each pipeline run then takes about as long or longer).
 """
@@ -99,6 +103,31 @@ def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str,
     }
 
 
+def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, chosen: str) -> list[dict]:
+    """The engine in each precision, eager, then in ``chosen`` compiled (warm-up timed apart)."""
+    from pipeline.engine import auto_candidates, build_upscaler, resolve_device
+
+    eager = [(p, False) for p in auto_candidates(resolve_device(spec.device))]
+    rows = []
+    for precision, compile in [*eager, (chosen, True)]:
+        start = time.perf_counter()
+        try:
+            settings = {"precision": precision, "compile": compile}
+            upscaler = build_upscaler(spec.model_copy(update=settings), scale)
+            figures = engine_figures(upscaler, pixels, per_call)
+        except Exception as exc:  # a precision the card lacks, or compile without a compiler
+            print(f"  {precision}{' compiled' if compile else ''}: failed: {exc!r}")
+            continue
+        figures.update(precision=precision, compile=compile, build_and_warm_up_seconds=
+                       time.perf_counter() - start - figures["seconds"])  # fmt: skip
+        rows.append(figures)
+        print(
+            f"  {precision}{' compiled' if compile else ''}: {figures['mp_per_second']:.2f} output MP/s "
+            f"(build and warm-up {figures['build_and_warm_up_seconds']:.1f} s)"
+        )
+    return rows
+
+
 def make_copies(files: list[Path], copies: int, root: Path) -> None:
     for i in range(copies):
         folder = root / f"copy{i:04d}"
@@ -151,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default="2,4,8", help="Ray CPUs of each pipeline run (comma-separated)")
     parser.add_argument("--seconds", type=float, default=40.0, help="engine seconds per pass (sets copies)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--variants", action="store_true", help="also time each precision, and compile")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     cpus = [int(n) for n in args.cpus.split(",")]
@@ -170,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.jobspec import InferenceSpec, UpscaleJob
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device=args.device), args.scale)
+    spec = InferenceSpec(weights=str(weights), device=args.device)
+    upscaler = build_upscaler(spec, args.scale)
     per_call = UpscaleJob.model_fields["images_per_batch"].default
     print(f"{card}: torch {torch.__version__}, PAN x{args.scale}, precision auto -> {upscaler.precision}")
     pixels = decoded(files)
@@ -211,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     best = max(r["mp_per_second"] for r in runs)
     enough = min(r["cpus"] for r in runs if r["mp_per_second"] >= CLOSE_TO_BEST * best)
     print(f"CPU cores per GPU that keep up (within 5% of the best rate): {enough} of {cpus}")
-    if args.json:
-        record = {
-            "card": card, "scale": args.scale, "precision": upscaler.precision, "copies": copies,
-            "engine": engine, "dense_gflops": dense, "pipeline": runs, "cores_per_gpu": enough,
-        }  # fmt: skip
+    record = {
+        "card": card, "scale": args.scale, "precision": upscaler.precision, "copies": copies,
+        "engine": engine, "dense_gflops": dense, "pipeline": runs, "cores_per_gpu": enough,
+    }  # fmt: skip
+    if args.json:  # written before the variants too: compiling can outlast a lent device's time
         args.json.write_text(json.dumps(record, indent=2))
+    if args.variants:
+        some = max(1, copies // 4)
+        print(f"engine variants, over {some} x {len(files)} images:")
+        record["variants"] = engine_variants(spec, args.scale, pixels * some, per_call, upscaler.precision)
+        if args.json:
+            args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 
