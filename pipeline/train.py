@@ -130,7 +130,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed + rank)
 
     model = load_pretrained(job.init_weights, scale=job.scale) if job.init_weights else PAN(scale=job.scale)
-    model.train()
+    # On the device before the optimizer exists: a resumed optimizer's state is loaded onto its
+    # parameters' device, and moving the model afterwards (prepare_model) would leave that state on
+    # the CPU (Adam then fails on a GPU: "found at least two devices, cuda:0 and cpu").
+    model.to(device).train()
     ema = None
     if job.ema_decay:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema_decay), use_buffers=True)
@@ -160,8 +163,6 @@ def train_loop(config: dict[str, Any]) -> None:
             torch.manual_seed(job.seed + rank + 7919 * step)
     files = _RunFiles(job, step) if rank == 0 else None
     model = ray.train.torch.prepare_model(model)
-    if ema is not None:
-        ema.to(device)
 
     pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data)
     dataset = PatchDataset(
