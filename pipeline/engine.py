@@ -28,7 +28,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +45,8 @@ from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
 MAX_COMPILED_SHAPES = 8  # window shapes compiled per Upscaler; others run eagerly
+MAX_GRAPHED_SHAPES = 32  # batch shapes kept as CUDA graphs per Upscaler (on a GPU, without compile)
+SHAPES_REMEMBERED = 1024  # batch shapes remembered as seen once, to graph them when they recur
 log = logging.getLogger(__name__)
 
 
@@ -89,13 +92,18 @@ def auto_candidates(device: torch.device) -> list[str]:
     ]
 
 
-def fastest_precision(models: dict[str, PAN], device: torch.device, side: int = 96, rounds: int = 3) -> str:
+def fastest_precision(
+    models: dict[str, PAN], device: torch.device, side: int | None = None, rounds: int = 3
+) -> str:
     """Of ``models`` (precision -> PAN prepared in it on ``device``, fp32 among them), the
     precision whose residual (the part that runs in it) is fastest, timed on a ``side`` x ``side``
     window (best of ``rounds`` after a warm-up); fp32 when it is the only one, and unless a reduced
-    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast."""
+    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast. ``side`` defaults to 96 on the CPU
+    and 512 on a GPU, where a small window times the ops' dispatch, the same in every precision
+    (on an H100, auto chose fp32 so in the pipeline's actors, where fp16 ran 1.35x as fast)."""
     if len(models) == 1:
         return next(iter(models))
+    side = side or (512 if device.type == "cuda" else 96)
     x = torch.linspace(0, 1, 3 * side * side).reshape(1, 3, side, side).to(device)
     times = {}
     for precision, trial in models.items():
@@ -225,6 +233,8 @@ class Upscaler:
         self._model = prepared[precision]
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
+        graphs = self.device.type == "cuda" and not compile  # compiled code is not captured
+        self._graphs = _CudaGraphs(self._compute, self.device, MAX_GRAPHED_SHAPES) if graphs else None
 
     def _prepare(self, model: PAN, dtype: torch.dtype) -> PAN:
         prepared = copy.deepcopy(model).eval().requires_grad_(False)
@@ -264,12 +274,7 @@ class Upscaler:
         next batch and place the last one meanwhile."""
         cuda = self.device.type == "cuda"
         x = batch.to(self.device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-        # The network's detail in the run's precision, the bilinear image path in fp32: in bf16 the
-        # input itself loses up to half a level, which the skip would carry straight to the output
-        # (Set5 x2: -0.0201 dB with everything in bf16, -0.0045 dB so; benchmarks/README.md).
-        out = self._forward(x.to(DTYPES[self.precision])).float() + self._fp32.skip(x)
-        finite = None if self._model is self._fp32 else torch.isfinite(out).flatten(1).all(dim=1)
-        out.clamp_(0, 1)
+        out, finite = self._run(x)
         if not cuda:
             return _Pending(x, out, finite, None)
         host = self._host_buffer(tuple(out.shape))
@@ -290,6 +295,30 @@ class Upscaler:
             bad = ~pending.finite
             out[bad] = self._fp32(pending.x[bad.to(self.device)]).clamp_(0, 1).to(out.device)
         return out.numpy()
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_compute`` of ``x``: replayed as a CUDA graph when its shape recurs and its activations
+        fit the graphs' share of the memory budget (each graph keeps its own), else eagerly."""
+        small = x.shape[0] * x.shape[2] * x.shape[3] * self._bytes_per_px <= (
+            self.memory_budget // MAX_GRAPHED_SHAPES
+        )
+        if self._graphs is not None and small:
+            try:
+                return self._graphs(x)
+            except RuntimeError as exc:  # capture refused (a driver or op without graph support)
+                log.warning("CUDA graphs failed (%s); running eagerly", str(exc).splitlines()[0])
+                self._graphs = None
+        return self._compute(x)
+
+    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """PAN on float32 ``x`` on the device: (the output clamped to [0, 1], which windows came
+        out finite, or None in fp32)."""
+        # The network's detail in the run's precision, the bilinear image path in fp32: in bf16 the
+        # input itself loses up to half a level, which the skip would carry straight to the output
+        # (Set5 x2: -0.0201 dB with everything in bf16, -0.0045 dB so; benchmarks/README.md).
+        out = self._forward(x.to(DTYPES[self.precision])).float() + self._fp32.skip(x)
+        finite = None if self._model is self._fp32 else torch.isfinite(out).flatten(1).all(dim=1)
+        return out.clamp_(0, 1), finite
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's residual on ``x``: compiled for the shapes the cache holds, else eager."""
@@ -394,6 +423,62 @@ class Upscaler:
         ]
 
 
+class _CudaGraphs:
+    """``compute`` (a tensor -> tensors) replayed from CUDA graphs, one per input shape that recurs.
+
+    Run eagerly, each of PAN's ~270 ops per forward pass is dispatched from Python, which costs
+    milliseconds per pass whatever its size: on an H100 the engine spent most of its time so on
+    Set14-sized images, and reached 1 % of the card's convolution rate (benchmarks/README.md). A
+    graph replays the whole pass in one call. A shape is recorded the second time it comes, so a
+    shape seen once never pays for the recording (a warm-up pass and the capture). The first
+    ``limit`` shapes recorded are kept for good, later ones run eagerly: dropping graphs to record
+    new ones would, on a stream of more shapes than that, record each shape again and again. Each
+    graph keeps the memory of its pass's activations, so the caller offers only shapes small enough.
+
+    A replay writes the same output tensors each time: read them (or queue a copy of them on the
+    stream) before the next call with that shape."""
+
+    def __init__(self, compute: Callable[[torch.Tensor], Any], device: torch.device, limit: int) -> None:
+        self._compute = compute
+        self._device = device
+        self._limit = limit
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
+        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()  # shapes seen once, bounded
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        shape = tuple(x.shape)
+        entry = self._graphs.get(shape)
+        if entry is None:
+            if len(self._graphs) >= self._limit:
+                return self._compute(x)
+            if shape not in self._seen:
+                self._seen[shape] = None
+                if len(self._seen) > SHAPES_REMEMBERED:
+                    self._seen.popitem(last=False)
+                return self._compute(x)
+            del self._seen[shape]
+            entry = self._graphs[shape] = self._record(x)
+        graph, static_x, outputs = entry
+        static_x.copy_(x)
+        graph.replay()
+        return outputs
+
+    def _record(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]:
+        static_x = x.clone()  # the graph's input, in x's memory format
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):  # a warm-up off the capturing stream, as CUDA graphs ask
+            self._compute(static_x)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._compute(static_x)
+        return graph, static_x, outputs
+
+
 @dataclass
 class _Pending:
     """A batch ``Upscaler._launch`` started: its input on the device (for the fp32 redo), the output
@@ -438,21 +523,27 @@ def build_upscaler(
     model: PAN | None = None,
     device: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    memory_share: float = 1.0,
 ) -> Upscaler:
     """The ``Upscaler`` that ``spec`` describes, at ``scale``: its weights loaded, unless ``model``
     is given (a model in training); on ``device`` when given (the device Ray gave an actor), else
-    ``spec.device``."""
+    ``spec.device``; on a GPU, with ``memory_share`` of the default memory budget (an actor that
+    shares its GPU with others passes its share, so that together they stay within the budget)."""
     if model is None:
         from pipeline.weights import load_pretrained
 
         model = load_pretrained(spec.weights, scale=scale, storage_options=storage_options)
+    device = resolve_device(device or spec.device)
+    shared = memory_share < 1 and device.type == "cuda"
+    budget = int(default_memory_budget(device) * memory_share) if shared else None
     return Upscaler(
         model,
-        device=device or spec.device,
+        device=str(device),
         precision=spec.precision,
         tile=spec.tile,
         context=spec.context,
         batch_size=spec.batch_size,
+        memory_budget=budget,
         compile=spec.compile,
     )
 

@@ -26,6 +26,7 @@ from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchm
 from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
 from pipeline.raycluster import (
     actor_device,
+    actor_gpu_share,
     actor_pool,
     actor_strategy,
     connect,
@@ -70,7 +71,8 @@ class EvalActor:
             from pipeline.engine import build_upscaler
 
             spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-            self.upscalers[scale] = build_upscaler(spec, scale, device=actor_device(self.job.device))
+            device = actor_device(self.job.device)
+            self.upscalers[scale] = build_upscaler(spec, scale, device=device, memory_share=actor_gpu_share())
         return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import re
 import secrets
@@ -303,9 +304,10 @@ def _after_shutdown(hook: Callable[[Any], None]) -> Callable[[Any], None]:
 
 
 def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
-    """Map-batches actor settings: one GPU per actor where the cluster has GPUs, else CPU actors
-    reserving ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one
-    per CPU unless ``actors`` says how many.
+    """Map-batches actor settings: one actor per GPU where the cluster has GPUs (``actors`` beyond
+    the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors reserving
+    ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one per CPU
+    unless ``actors`` says how many.
 
     ``calls``: Ray Data calls an actor takes at once. A GPU actor takes 2: while its model runs one
     batch (one at a time still), Ray fetches and formats the next one in the actor's other thread,
@@ -316,7 +318,8 @@ def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
     if gpus:
         size = actors or gpus
-        return {"size": size, "num_gpus": 1, "num_cpus": _leave_cpus_to_tasks(1, size, cpus), "calls": 2}
+        share = 1 / math.ceil(size / gpus)  # 1/k: k actors fit each GPU, whatever k (2/3 would not)
+        return {"size": size, "num_gpus": share, "num_cpus": _leave_cpus_to_tasks(1, size, cpus), "calls": 2}
     size = actors or max(1, int(cpus))
     return {"size": size, "num_gpus": 0, "num_cpus": _leave_cpus_to_tasks(actor_cpus, size, cpus), "calls": 1}
 
@@ -357,6 +360,20 @@ def actor_device(requested: str) -> str:
     if requested != AUTO:
         return requested
     return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def actor_gpu_share() -> float:
+    """The share of its GPU this actor holds (``actor_pool``: 1/k with k actors per GPU); 1.0
+    with a whole GPU or none. The engine scales its GPU memory budget by it."""
+    import ray
+
+    if not ray.is_initialized():  # asking the runtime context would start Ray
+        return 1.0
+    try:
+        share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except AssertionError:  # Ray's answer in a driver: only workers are assigned resources
+        return 1.0
+    return share if 0 < share < 1 else 1.0
 
 
 def user_error(exc: BaseException) -> PipelineError | None:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import posixpath
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from pipeline.ledger import RunLog
 from pipeline.planner import Collision, Plan, plan
 from pipeline.raycluster import (
     actor_device,
+    actor_gpu_share,
     actor_pool,
     actor_strategy,
     connect,
@@ -128,22 +130,28 @@ class UpscaleActor:
             # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model
             # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
             torch.set_num_threads(threads)
-        self.upscaler = build_upscaler(job, job.scale, device=device, storage_options=job.storage_options)
+        self.upscaler = build_upscaler(
+            job, job.scale, device=device, storage_options=job.storage_options, memory_share=actor_gpu_share()
+        )
+        # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
+        # runs the other; the model itself runs one call at a time.
+        self._model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         rows = _rows(batch)
         todo = [row for row in rows if _image(row["image"]) is not None]
-        start = time.perf_counter()
-        try:
-            outputs = self.upscaler.upscale_many([row["image"].pixels for row in todo])
-        except (ValueError, TypeError, RuntimeError):  # e.g. out of memory: find which, one by one
-            outputs = []
-            for row in todo:
-                try:
-                    outputs.append(self.upscaler.upscale(row["image"].pixels))
-                except (ValueError, TypeError, RuntimeError) as exc:
-                    outputs.append(exc)
-        seconds = time.perf_counter() - start
+        with self._model_lock:
+            start = time.perf_counter()
+            try:
+                outputs = self.upscaler.upscale_many([row["image"].pixels for row in todo])
+            except (ValueError, TypeError, RuntimeError):  # e.g. out of memory: find which, one by one
+                outputs = []
+                for row in todo:
+                    try:
+                        outputs.append(self.upscaler.upscale(row["image"].pixels))
+                    except (ValueError, TypeError, RuntimeError) as exc:
+                        outputs.append(exc)
+            seconds = time.perf_counter() - start
         pixels = sum(row["image"].pixels.size for row in todo) or 1
         for row, output in zip(todo, outputs, strict=True):
             if isinstance(output, Exception):

@@ -290,3 +290,83 @@ def test_an_upscaler_reuses_freed_memory_instead_of_faulting_fresh_pages():
     without, with_setting = faults("off"), faults("on")
     assert without > 30_000
     assert with_setting < without / 10
+
+
+class _Replay:
+    """Stands in for a CUDA graph on the CPU: a replay reruns the pass into the same tensors."""
+
+    def __init__(self, compute, static_x, outputs):
+        self.compute, self.static_x, self.outputs = compute, static_x, outputs
+
+    def replay(self):
+        for static, new in zip(self.outputs, self.compute(self.static_x), strict=True):
+            if static is not None:
+                static.copy_(new)
+
+
+def _fake_recording(monkeypatch, recorded):
+    import pipeline.engine as engine
+
+    def record(graphs, x):
+        static_x = x.clone()
+        outputs = graphs._compute(static_x)
+        recorded.append(tuple(x.shape))
+        return _Replay(graphs._compute, static_x, outputs), static_x, outputs
+
+    monkeypatch.setattr(engine._CudaGraphs, "_record", record)
+
+
+def test_cuda_graphs_are_recorded_for_recurring_shapes_and_bounded(official, monkeypatch):
+    """A shape is run eagerly the first time, recorded the second, replayed after; the first
+    ``limit`` shapes recorded stay, later ones run eagerly, and the shapes seen once are bounded."""
+    import pipeline.engine as engine
+
+    recorded: list[tuple[int, ...]] = []
+    _fake_recording(monkeypatch, recorded)
+    monkeypatch.setattr(engine, "SHAPES_REMEMBERED", 3)
+    up = Upscaler(official[2], device="cpu", precision="fp32", tile=0)
+    graphs = engine._CudaGraphs(up._compute, up.device, limit=2)
+
+    def x(side, shade=0.5):
+        return torch.full((1, 3, side, side), shade).contiguous(memory_format=torch.channels_last)
+
+    for side in (11, 12, 13, 14):
+        graphs(x(side))
+    assert list(graphs._seen) == [(1, 3, 12, 12), (1, 3, 13, 13), (1, 3, 14, 14)]  # the oldest forgotten
+    graphs(x(11))
+    assert not recorded  # so 11x11, seen again, counts as new
+    for side, shade in [(8, 0.2), (9, 0.3), (8, 0.4), (8, 0.6), (10, 0.5), (9, 0.7), (8, 0.1), (10, 0.9)]:
+        out, finite = graphs(x(side, shade))
+        expected, _ = up._compute(x(side, shade))
+        assert torch.equal(out, expected) and finite is None  # fp32: no finiteness flags
+    assert recorded == [(1, 3, 8, 8), (1, 3, 9, 9)] and len(graphs) == 2  # 10x10 came after: eager
+
+
+def test_only_shapes_within_the_graphs_memory_share_are_graphed_and_failures_run_eagerly(
+    official, monkeypatch
+):
+    import pipeline.engine as engine
+
+    recorded: list[tuple[int, ...]] = []
+    _fake_recording(monkeypatch, recorded)
+    up = Upscaler(official[2], device="cpu", precision="fp32", tile=0)
+    up._graphs = engine._CudaGraphs(up._compute, up.device, engine.MAX_GRAPHED_SHAPES)
+    up.memory_budget = engine.MAX_GRAPHED_SHAPES * 12 * 12 * up._bytes_per_px  # a 12x12 pass per graph
+    small, large = (torch.full((1, 3, side, side), 0.5) for side in (12, 13))
+    for _ in range(3):
+        assert torch.equal(up._run(small)[0], up._compute(small)[0])
+        assert torch.equal(up._run(large)[0], up._compute(large)[0])
+    assert recorded == [(1, 3, 12, 12)]
+
+    def refused(graphs, x):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetails")
+
+    monkeypatch.setattr(engine._CudaGraphs, "_record", refused)
+    up._graphs = engine._CudaGraphs(up._compute, up.device, engine.MAX_GRAPHED_SHAPES)
+    for _ in range(2):
+        assert torch.equal(up._run(small)[0], up._compute(small)[0])
+    assert up._graphs is None  # eager from then on
+
+
+def test_no_cuda_graphs_on_the_cpu(official):
+    assert Upscaler(official[2], device="cpu")._graphs is None

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.errors import DeviceError
 from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.raycluster import WATCHDOG_MARK
+from pipeline.raycluster import WATCHDOG_MARK, actor_gpu_share
 from pipeline.storage import list_files
 from pipeline.upscale import UpscaleJob, model_pool, run_upscale
 
@@ -189,10 +189,18 @@ def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weig
         job = UpscaleJob(source=str(src), dest=str(tmp_path / "cpu"), scale=4, weights=weights, device="cpu")
         # one actor per GPU, taking the next batch while it computes (2 calls, one model run at a time)
         assert model_pool(job, 5) == {"size": 1, "num_gpus": 1, "num_cpus": 0.0, "calls": 2, "threads": 2}
-        assert run_upscale(job)["succeeded"] == 5
+        # more actors than GPUs share them, 1/k each with k per GPU, and know their share
+        shared = job.model_copy(update={"actors": 2})
+        pool = {"size": 2, "num_gpus": 0.5, "num_cpus": 0.0, "calls": 2, "threads": 1}
+        assert model_pool(shared, 5) == pool
+        assert model_pool(job.model_copy(update={"actors": 3}), 5)["num_gpus"] == pytest.approx(1 / 3)
+        shares = [ray.remote(num_gpus=n)(actor_gpu_share).remote() for n in (0.25, 0.5, 1, 0)]
+        assert ray.get(shares) == [0.25, 0.5, 1.0, 1.0] and actor_gpu_share() == 1.0  # the driver: 1.0
+        assert run_upscale(shared)["succeeded"] == 5
         # the same actor on device "auto" must use its GPU, which CUDA cannot see here
         auto = UpscaleJob(source=str(src), dest=str(tmp_path / "auto"), scale=4, weights=weights)
         with pytest.raises(DeviceError, match="CUDA sees no GPU"):
             run_upscale(auto)
     finally:
         ray.shutdown()
+    assert actor_gpu_share() == 1.0 and not ray.is_initialized()  # asking starts no Ray
