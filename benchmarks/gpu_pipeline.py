@@ -5,7 +5,8 @@ busy the pipeline keeps that GPU, and how many CPU cores per GPU the stages arou
 Needs CUDA and ``../shared`` (or ``PAN_SHARED``); without them it prints ``SKIPPED: ...`` and exits 0.
 Prepared to fit a lent device's time (about 4 minutes with the defaults)::
 
-    .venv/bin/python benchmarks/gpu_pipeline.py [--scale 4] [--cpus 2,4,8] [--seconds 40] [--json F]
+    .venv/bin/python benchmarks/gpu_pipeline.py [--scale 4] [--cpus 2,4,8] [--actors 1] [--seconds 40]
+        [--variants] [--json F]
 
 ``--device cpu`` runs the same steps on the CPU (no busy fraction): a check of the script itself.
 
@@ -14,15 +15,17 @@ Prepared to fit a lent device's time (about 4 minutes with the defaults)::
    ``images_per_batch``, synchronized. Output MP/s, and fp32-equivalent GFLOP/s: convolution MACs
    counted by hooks over one pass (``flops.ConvMacs``) against the dense 3x3 64-channel rate
    measured in the same run, in the engine's precision and in fp32 (``flops.dense_conv_gflops``).
-2. **Pipeline**, once per ``--cpus N``: an embedded Ray with N CPUs and 1 GPU (one GPU actor),
+2. **Pipeline**, once per ``--cpus N`` and ``--actors K``: an embedded Ray with N CPUs and 1 GPU
+   (K model actors sharing it, 1/K of it each),
    ``run_upscale`` with the job's defaults, Ray's start-up included. Meanwhile ``nvidia-smi`` samples
    the GPU's utilization (the share of time a kernel ran) every 100 ms. **Busy fraction** = mean of
    those samples from the first finished batch to the end (steady state), and over the whole run.
-3. **Cores per GPU**: the smallest N whose pipeline MP/s is within 5 % of the best N's.
+3. **Cores per GPU**: with the best run's K, the smallest N whose pipeline MP/s is within 5 % of
+   the best run's.
 
-``--variants`` adds, last, the engine in each precision the device offers, eager, and in
-auto's precision with ``compile`` (one graph per window shape, compiled during the warm-up pass,
-which is timed apart): what ``auto`` chose from, and what compiling adds.
+``--variants`` adds, last, the engine in each precision the device offers, and in auto's
+precision without CUDA graphs and with ``compile`` (one graph per window shape, compiled during
+the warm-up pass, which is timed apart): what ``auto`` chose from, and what graphs and compiling add.
 
 The workload is Set14 + Set5 LR at the scale, copied as in ``upscale_throughput.py`` so that the
 engine runs about ``--seconds`` per pass (each pipeline run then takes about as long or longer).
@@ -104,25 +107,28 @@ def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str,
 
 
 def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, chosen: str) -> list[dict]:
-    """The engine in each precision, eager, then in ``chosen`` compiled (warm-up timed apart)."""
+    """The engine in each precision (with CUDA graphs on a GPU, the default), in ``chosen``
+    without graphs, then in ``chosen`` compiled (build and warm-up timed apart)."""
     from pipeline.engine import auto_candidates, build_upscaler, resolve_device
 
-    eager = [(p, False) for p in auto_candidates(resolve_device(spec.device))]
+    variants = [(p, "default", {}) for p in auto_candidates(resolve_device(spec.device))]
+    variants += [(chosen, "no CUDA graphs", {}), (chosen, "compiled", {"compile": True})]
     rows = []
-    for precision, compile in [*eager, (chosen, True)]:
+    for precision, label, settings in variants:
         start = time.perf_counter()
         try:
-            settings = {"precision": precision, "compile": compile}
-            upscaler = build_upscaler(spec.model_copy(update=settings), scale)
+            upscaler = build_upscaler(spec.model_copy(update={"precision": precision, **settings}), scale)
+            if label == "no CUDA graphs":
+                upscaler._graphs = None
             figures = engine_figures(upscaler, pixels, per_call)
         except Exception as exc:  # a precision the card lacks, or compile without a compiler
-            print(f"  {precision}{' compiled' if compile else ''}: failed: {exc!r}")
+            print(f"  {precision} {label}: failed: {exc!r}")
             continue
-        figures.update(precision=precision, compile=compile, build_and_warm_up_seconds=
+        figures.update(precision=precision, variant=label, build_and_warm_up_seconds=
                        time.perf_counter() - start - figures["seconds"])  # fmt: skip
         rows.append(figures)
         print(
-            f"  {precision}{' compiled' if compile else ''}: {figures['mp_per_second']:.2f} output MP/s "
+            f"  {precision} {label}: {figures['mp_per_second']:.2f} output MP/s "
             f"(build and warm-up {figures['build_and_warm_up_seconds']:.1f} s)"
         )
     return rows
@@ -136,7 +142,9 @@ def make_copies(files: list[Path], copies: int, root: Path) -> None:
             shutil.copyfile(src, folder / f"{src.parents[2].name}_{src.name}")
 
 
-def pipeline_run(source: Path, dest: Path, scale: int, weights: Path, cpus: int, device: str) -> dict:
+def pipeline_run(
+    source: Path, dest: Path, scale: int, weights: Path, cpus: int, actors: int | None, device: str
+) -> dict:
     import ray
 
     from pipeline.jobspec import UpscaleJob
@@ -153,7 +161,7 @@ def pipeline_run(source: Path, dest: Path, scale: int, weights: Path, cpus: int,
             first.append(time.perf_counter())
 
     try:
-        job = UpscaleJob(source=str(source), dest=str(dest), scale=scale, weights=str(weights))
+        job = UpscaleJob(source=str(source), dest=str(dest), scale=scale, weights=str(weights), actors=actors)
         summary = run_upscale(job, on_progress=on_progress)
         wall = time.perf_counter() - start
     finally:
@@ -163,6 +171,7 @@ def pipeline_run(source: Path, dest: Path, scale: int, weights: Path, cpus: int,
     shutil.rmtree(dest, ignore_errors=True)
     return {
         "cpus": cpus,
+        "actors": actors or 1,
         "wall_seconds": wall,
         "mp_per_second": summary["output_megapixels"] / wall,
         "succeeded": summary["succeeded"],
@@ -178,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
     parser.add_argument("--cpus", default="2,4,8", help="Ray CPUs of each pipeline run (comma-separated)")
+    parser.add_argument("--actors", default="1", help="model actors sharing the GPU (comma-separated)")
     parser.add_argument("--seconds", type=float, default=40.0, help="engine seconds per pass (sets copies)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--variants", action="store_true", help="also time each precision, and compile")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     cpus = [int(n) for n in args.cpus.split(",")]
+    actors = [int(n) for n in args.actors.split(",")]
 
     import torch
 
@@ -212,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         upscaler.precision: dense_conv_gflops(args.device, DTYPES[upscaler.precision]),
         "fp32": dense_conv_gflops(args.device, torch.float32),
     }
+    engine["cuda_graphs"] = len(upscaler._graphs) if upscaler._graphs is not None else 0
     print(
-        f"engine: {engine['mp_per_second']:.2f} output MP/s over {copies} x {len(files)} images, "
+        f"engine: {engine['mp_per_second']:.2f} output MP/s over {copies} x {len(files)} images "
+        f"({engine['cuda_graphs']} CUDA graphs), "
         f"{engine['gflops_fp32_equivalent']:.0f} GFLOP/s fp32-equivalent; dense 3x3 conv "
         + ", ".join(
             f"{p} {g:.0f} GFLOP/s (engine at {engine['gflops_fp32_equivalent'] / g:.1%})"
@@ -224,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pan-gpu-bench-") as tmp:
         source = Path(tmp) / "in"
         make_copies(files, copies, source)
-        for n in cpus:
-            run = pipeline_run(source, Path(tmp) / f"out{n}", args.scale, weights, n, args.device)
+        for n, k in [(n, k) for k in actors for n in cpus]:
+            run = pipeline_run(source, Path(tmp) / f"out{n}-{k}", args.scale, weights, n, k, args.device)
             runs.append(run)
             busy = run["gpu_busy_steady"]
             print(
-                f"pipeline, {n} CPUs: {run['mp_per_second']:.2f} output MP/s "
+                f"pipeline, {n} CPUs, {k} actor(s): {run['mp_per_second']:.2f} output MP/s "
                 f"({run['mp_per_second'] / engine['mp_per_second']:.2f} of the engine), "
                 f"{run['succeeded']} succeeded, {run['failed']} failed, first batch after "
                 f"{run['first_batch_seconds'] or float('nan'):.1f} s, GPU busy "
@@ -239,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                     else "n/a"
                 )
             )
-    best = max(r["mp_per_second"] for r in runs)
-    enough = min(r["cpus"] for r in runs if r["mp_per_second"] >= CLOSE_TO_BEST * best)
-    print(f"CPU cores per GPU that keep up (within 5% of the best rate): {enough} of {cpus}")
+    best = max(runs, key=lambda r: r["mp_per_second"])
+    close = [r for r in runs if r["actors"] == best["actors"]]
+    enough = min(r["cpus"] for r in close if r["mp_per_second"] >= CLOSE_TO_BEST * best["mp_per_second"])
+    print(f"CPU cores per GPU that keep up (within 5% of the best rate, {best['actors']} actor(s)): {enough}")
     record = {
         "card": card, "scale": args.scale, "precision": upscaler.precision, "copies": copies,
         "engine": engine, "dense_gflops": dense, "pipeline": runs, "cores_per_gpu": enough,
