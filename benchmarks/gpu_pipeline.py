@@ -85,14 +85,19 @@ def decoded(files: list[Path]) -> list[Any]:
 
 
 def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str, float]:
-    """One synchronized warm pass: output MP/s and fp32-equivalent GFLOP/s."""
+    """One synchronized warm pass: output MP/s and fp32-equivalent GFLOP/s (the MACs counted in an
+    eager pass: a CUDA graph's replay runs no hooks; an H100 run counted 16x too few so)."""
     import torch
 
     sync = torch.cuda.synchronize if upscaler.device.type == "cuda" else (lambda: None)
     groups = [pixels[i : i + per_call] for i in range(0, len(pixels), per_call)]
+    graphs, upscaler._graphs = upscaler._graphs, None  # hooks see no graph's replay: count eagerly
     with ConvMacs(upscaler._model) as counter:  # the engine's prepared PAN: convolutions it runs
         for group in groups:
             upscaler.upscale_many(group)  # warm-up: cuDNN plans, allocator
+    upscaler._graphs = graphs
+    for group in groups:
+        upscaler.upscale_many(group)  # with CUDA graphs (the default on a GPU): recurring shapes recorded
     sync()
     start = time.perf_counter()
     megapixels = sum(out.shape[0] * out.shape[1] for group in groups for out in upscaler.upscale_many(group))
