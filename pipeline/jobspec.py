@@ -116,7 +116,10 @@ RayAddress = Annotated[
     Field(description="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"),
 ]
 Actors = Annotated[
-    int | None, Field(ge=1, description="model actors (default: one per GPU, else one per CPU)")
+    int | None,
+    Field(
+        ge=1, description="model actors (default: one per GPU, else one per CPU; extra ones share the GPUs)"
+    ),
 ]
 ActorCpus = Annotated[float, Field(gt=0, description="CPUs reserved per CPU actor (fractional)")]
 StorageOptions = Annotated[
