@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -187,6 +188,9 @@ class Upscaler:
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
     ``compile``: ``torch.compile`` the model, one graph per window shape for the first
     ``MAX_COMPILED_SHAPES`` shapes (later shapes run eagerly); if compiling fails, eager throughout.
+
+    One call computes at a time: calls from several threads (a Ray actor taking two batches at
+    once) wait their turn, since recording a CUDA graph must not meet another thread's kernels.
     """
 
     def __init__(
@@ -235,6 +239,7 @@ class Upscaler:
         self._compiled_shapes: set[tuple[int, ...]] = set()
         graphs = self.device.type == "cuda" and not compile  # compiled code is not captured
         self._graphs = _CudaGraphs(self._compute, self.device, MAX_GRAPHED_SHAPES) if graphs else None
+        self._lock = threading.Lock()  # one call at a time (the class's docstring)
 
     def _prepare(self, model: PAN, dtype: torch.dtype) -> PAN:
         prepared = copy.deepcopy(model).eval().requires_grad_(False)
@@ -350,6 +355,10 @@ class Upscaler:
     def upscale_many_float(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``upscale_float`` of each image; windows of equal shape share forward passes, whichever
         image they come from."""
+        with self._lock:
+            return self._upscale_many_float(images)
+
+    def _upscale_many_float(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         s = self.scale
         plans = [self.plan(*image.shape[1:]) for image in images]
         groups: dict[tuple[int, int], list[tuple[int, Any, Any]]] = {}

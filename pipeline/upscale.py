@@ -134,7 +134,8 @@ class UpscaleActor:
             job, job.scale, device=device, storage_options=job.storage_options, memory_share=actor_gpu_share()
         )
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
-        # runs the other; the model itself runs one call at a time.
+        # runs the other. The engine computes one call at a time anyway; holding the turn here
+        # too keeps a call's waiting out of its rows' seconds.
         self._model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:

@@ -370,3 +370,39 @@ def test_only_shapes_within_the_graphs_memory_share_are_graphed_and_failures_run
 
 def test_no_cuda_graphs_on_the_cpu(official):
     assert Upscaler(official[2], device="cpu")._graphs is None
+
+
+def test_calls_from_two_threads_compute_one_at_a_time(official, monkeypatch):
+    """A GPU actor takes two Ray batches at once; recording a CUDA graph must not meet the other
+    call's kernels, so the engine serializes calls (and both still get their own results)."""
+    import threading
+    import time
+
+    up = Upscaler(official[2], device="cpu", tile=0)
+    images = [_photo(20, 24), _photo(28, 20)]
+    expected = [up.upscale(image) for image in images]
+    inside, most = [0], [0]
+    launch = up._launch
+
+    def slow_launch(batch):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # long enough for the other thread to come in, were it let
+        try:
+            return launch(batch)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(up, "_launch", slow_launch)
+    results: dict[int, np.ndarray] = {}
+
+    def run(i):
+        results[i] = up.upscale(images[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert all(np.array_equal(results[i], expected[i]) for i in (0, 1))
