@@ -158,12 +158,12 @@ def pipeline_run(
     gpus = 1 if device == "cuda" else 0
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     sampler = GpuSampler() if gpus and shutil.which("nvidia-smi") else None  # None: busy not measured
-    first: list[float] = []
+    first: list[tuple[float, int]] = []  # (when, output pixels by then) at the first finished batch
     start = time.perf_counter()
 
-    def on_progress(counts: Counter, _pixels: int, _total: int | None) -> None:
+    def on_progress(counts: Counter, pixels: int, _total: int | None) -> None:
         if counts["succeeded"] + counts["failed"] and not first:
-            first.append(time.perf_counter())
+            first.append((time.perf_counter(), pixels))
 
     try:
         job = UpscaleJob(source=str(source), dest=str(dest), scale=scale, weights=str(weights), actors=actors)
@@ -174,6 +174,9 @@ def pipeline_run(
             sampler.stop()
         ray.shutdown()
     shutil.rmtree(dest, ignore_errors=True)
+    steady = None  # from the first finished batch on: the rate once running, without Ray's start-up
+    if first and start + wall > first[0][0]:
+        steady = (summary["output_megapixels"] - first[0][1] / 1e6) / (start + wall - first[0][0])
     return {
         "cpus": cpus,
         "actors": actors or 1,
@@ -182,8 +185,9 @@ def pipeline_run(
         "succeeded": summary["succeeded"],
         "failed": summary["failed"],
         "precision": summary["precision"],
-        "first_batch_seconds": first[0] - start if first else None,
-        "gpu_busy_steady": sampler.mean(first[0]) if sampler and first else None,
+        "first_batch_seconds": first[0][0] - start if first else None,
+        "steady_mp_per_second": steady,
+        "gpu_busy_steady": sampler.mean(first[0][0]) if sampler and first else None,
         "gpu_busy_whole_run": sampler.mean() if sampler else None,
     }
 
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             busy = run["gpu_busy_steady"]
             print(
                 f"pipeline, {n} CPUs, {k} actor(s): {run['mp_per_second']:.2f} output MP/s "
-                f"({run['mp_per_second'] / engine['mp_per_second']:.2f} of the engine), "
+                f"({run['mp_per_second'] / engine['mp_per_second']:.2f} of the engine; steady "
+                f"{run['steady_mp_per_second'] or float('nan'):.2f}), "
                 f"{run['succeeded']} succeeded, {run['failed']} failed, first batch after "
                 f"{run['first_batch_seconds'] or float('nan'):.1f} s, GPU busy "
                 + (
