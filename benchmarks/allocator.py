@@ -27,9 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from images import SHARED  # benchmarks/images.py
+
 SETTINGS = ("kept", "default")
 WORKLOADS = ("hd", "set14", "mixed")
 

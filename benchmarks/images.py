@@ -1,11 +1,15 @@
-"""The benchmark images that are made, not read as they are (``peer.py``, ``allocator.py``)."""
+"""Where the benchmarks' data lies (``SHARED``: ``../shared``, or ``PAN_SHARED``, the variable the
+tests read too), and the benchmark images that are made, not read as they are (``peer.py``,
+``allocator.py``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image
 
+SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 HD_SOURCE = "monarch.png"  # Set14 HR image the 1920x1080-output workload is made from
 HD_LR_SIZE = (480, 270)  # width, height
 

@@ -89,7 +89,7 @@ for _name in ("torchvision", "torchvision.transforms", "torchvision.transforms.t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flops import ConvMacs, dense_conv_gflops  # noqa: E402  (benchmarks/flops.py)
-from images import HD_LR_SIZE, hd_lr, rgb  # noqa: E402  (benchmarks/images.py)
+from images import HD_LR_SIZE, SHARED, hd_lr, rgb  # noqa: E402  (benchmarks/images.py)
 from PIL import Image  # noqa: E402
 from super_image import ImageLoader, PanConfig, PanModel  # noqa: E402
 from torch import nn  # noqa: E402
@@ -98,7 +98,6 @@ from pipeline.engine import Upscaler, build_upscaler  # noqa: E402
 from pipeline.jobspec import InferenceSpec  # noqa: E402
 from pipeline.metrics import psnr_y  # noqa: E402
 
-SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 Run = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 
 

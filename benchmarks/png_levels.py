@@ -11,13 +11,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from images import SHARED  # benchmarks/images.py
 
 
 def main(argv: list[str] | None = None) -> int:

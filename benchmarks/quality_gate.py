@@ -13,12 +13,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import numpy as np
-
-SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from images import SHARED  # benchmarks/images.py
 
 
 def synthetic(rng: np.random.Generator, size: int = 96) -> dict[str, np.ndarray]:

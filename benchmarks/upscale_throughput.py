@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-SHARED = Path(os.environ.get("PAN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from images import SHARED  # benchmarks/images.py
+
 SETS = ("Set14", "Set5")
 CONTENTION_CORES = 0.25  # other processes' average CPU use above which the summary warns
 

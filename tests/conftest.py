@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PAN_SHARED_DIR", REPO.parent / "shared"))
+SHARED = Path(os.environ.get("PAN_SHARED", REPO.parent / "shared"))  # the benchmarks read it too
 
 
 def _require(path: Path) -> Path:
