@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from flops import ConvMacs, dense_conv_gflops
-from upscale_throughput import SHARED, workload_files
+from images import SHARED
+from upscale_throughput import workload_files
 
 CLOSE_TO_BEST = 0.95  # the cores that keep up: within 5 % of the best rate
 
@@ -96,8 +97,9 @@ def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str,
         for group in groups:
             upscaler.upscale_many(group)  # warm-up: cuDNN plans, allocator
     upscaler._graphs = graphs
-    for group in groups:
-        upscaler.upscale_many(group)  # with CUDA graphs (the default on a GPU): recurring shapes recorded
+    if graphs is not None:  # a pass with CUDA graphs (the default on a GPU): recurring shapes recorded
+        for group in groups:
+            upscaler.upscale_many(group)
     sync()
     start = time.perf_counter()
     megapixels = sum(out.shape[0] * out.shape[1] for group in groups for out in upscaler.upscale_many(group))

@@ -170,11 +170,12 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes of activations we allow per batch: half the free GPU memory, or 1 GiB on CPU."""
+def default_memory_budget(device: torch.device, share: float = 1.0) -> int:
+    """Bytes of activations we allow per batch: half the free GPU memory, times ``share`` (the
+    part of the GPU this engine's process holds, when actors share it), or 1 GiB on CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+        return int(free // 2 * min(share, 1.0))
     return 1 << 30
 
 
@@ -186,6 +187,8 @@ class Upscaler:
     ``context``: input pixels read around each tile's core (PAN's receptive field is wide: with
     about 20 or more, tiled output equals whole-image output within one level).
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
+    ``memory_share``: the part of its GPU this process holds (actors sharing a GPU), which scales
+    the default ``memory_budget``.
     ``compile``: ``torch.compile`` the model, one graph per window shape for the first
     ``MAX_COMPILED_SHAPES`` shapes (later shapes run eagerly); if compiling fails, eager throughout.
 
@@ -203,6 +206,7 @@ class Upscaler:
         context: int = DEFAULT_CONTEXT,
         batch_size: int | str = AUTO,
         memory_budget: int | None = None,
+        memory_share: float = 1.0,
         compile: bool = False,
     ) -> None:
         if precision not in (*PRECISIONS, AUTO):
@@ -229,7 +233,7 @@ class Upscaler:
         self.tile = tile
         self.context = context
         self.batch_size = batch_size
-        self.memory_budget = memory_budget or default_memory_budget(self.device)
+        self.memory_budget = memory_budget or default_memory_budget(self.device, memory_share)
         self._bytes_per_px = bytes_per_lr_pixel(model, DTYPES[precision])
         self.weights_info = getattr(model, "weights_info", None)
         if precision not in prepared:
@@ -304,10 +308,9 @@ class Upscaler:
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_compute`` of ``x``: replayed as a CUDA graph when its shape recurs and its activations
         fit the graphs' share of the memory budget (each graph keeps its own), else eagerly."""
-        small = x.shape[0] * x.shape[2] * x.shape[3] * self._bytes_per_px <= (
-            self.memory_budget // MAX_GRAPHED_SHAPES
-        )
-        if self._graphs is not None and small:
+        batch, _, height, width = x.shape
+        graph_budget = self.memory_budget // MAX_GRAPHED_SHAPES
+        if self._graphs is not None and batch * height * width * self._bytes_per_px <= graph_budget:
             try:
                 return self._graphs(x)
             except RuntimeError as exc:  # capture refused (a driver or op without graph support)
@@ -542,17 +545,14 @@ def build_upscaler(
         from pipeline.weights import load_pretrained
 
         model = load_pretrained(spec.weights, scale=scale, storage_options=storage_options)
-    device = resolve_device(device or spec.device)
-    shared = memory_share < 1 and device.type == "cuda"
-    budget = int(default_memory_budget(device) * memory_share) if shared else None
     return Upscaler(
         model,
-        device=str(device),
+        device=device or spec.device,
         precision=spec.precision,
         tile=spec.tile,
         context=spec.context,
         batch_size=spec.batch_size,
-        memory_budget=budget,
+        memory_share=memory_share,
         compile=spec.compile,
     )
 

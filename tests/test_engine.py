@@ -406,3 +406,12 @@ def test_calls_from_two_threads_compute_one_at_a_time(official, monkeypatch):
         thread.join()
     assert most[0] == 1
     assert all(np.array_equal(results[i], expected[i]) for i in (0, 1))
+
+
+def test_the_gpu_memory_budget_is_half_the_free_memory_times_the_share(monkeypatch):
+    from pipeline.engine import default_memory_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 << 30, 80 << 30))  # free, total
+    assert default_memory_budget(torch.device("cuda")) == 4 << 30
+    assert default_memory_budget(torch.device("cuda"), 0.25) == 1 << 30  # one of 4 actors sharing it
+    assert default_memory_budget(torch.device("cpu"), 0.25) == 1 << 30  # the CPU's budget is fixed
