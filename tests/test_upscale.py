@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
 from pipeline.storage import list_files
-from pipeline.upscale import UpscaleJob, model_pool, run_upscale
+from pipeline.upscale import UpscaleJob, model_pool, psnr_vs_bicubic, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BAD = {"empty.png", "notes.jpg", "sub/truncated.png"}
@@ -302,6 +302,30 @@ def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir
     assert not (dest / "_pan.json").exists()
     (dest / "d0/babyx4.png").unlink()
     assert run_upscale(job)["succeeded"] == 5  # an empty folder (hidden files aside) is fine
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGB16", "L16"])
+def test_the_gate_measures_psnr_against_pillows_bicubic_over_all_channels(benchmarks_dir, mode):
+    """The quality gate's measure, against its definition written out in float64 over whole arrays
+    (the gate computes it plane by plane, in place, in float32)."""
+    with Image.open(benchmarks_dir / "Set14" / "LR_bicubic" / "X4" / "comicx4.png") as lr:
+        small = np.asarray(lr.convert("L" if mode.startswith("L") else "RGB"))
+    with Image.open(benchmarks_dir / "Set14" / "HR" / "comic.png") as hr:
+        big = np.asarray(hr.convert("L" if mode.startswith("L") else "RGB"))[
+            : small.shape[0] * 4, : small.shape[1] * 4
+        ]
+    if mode.endswith("16"):
+        small, big = small.astype(np.uint16) * 257, big.astype(np.uint16) * 257
+    peak = float(np.iinfo(big.dtype).max)
+    planes = small[..., None] if small.ndim == 2 else small
+    resized = [
+        Image.fromarray(planes[..., c].astype(np.float32), "F").resize(big.shape[1::-1], Image.BICUBIC)
+        for c in range(planes.shape[2])
+    ]
+    bicubic = np.stack([np.asarray(r) for r in resized], axis=-1).clip(0, peak).reshape(big.shape)
+    expected = 10 * np.log10(peak**2 / np.mean((bicubic.astype(np.float64) - big) ** 2))
+    assert 20 < expected < 30  # a real HR image against bicubic of its LR: far from both ends
+    assert psnr_vs_bicubic(small, big) == pytest.approx(expected, abs=1e-4)
 
 
 def test_outputs_far_from_bicubic_are_flagged_suspect_but_kept(
