@@ -15,6 +15,7 @@ so they are equal to it (see ``tests/test_eval_job.py``).
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,15 +66,20 @@ class EvalActor:
     def __init__(self, job: EvalJob) -> None:
         self.job = job
         self.upscalers: dict[int, Any] = {}
+        # A GPU actor takes two batches at once (``actor_pool``): without the lock, both could
+        # build the same scale's engine, loading its weights and taking its memory twice.
+        self._building = threading.Lock()
 
     def _upscaler(self, scale: int):
-        if scale not in self.upscalers:
-            from pipeline.engine import build_upscaler
+        with self._building:
+            if scale not in self.upscalers:
+                from pipeline.engine import build_upscaler
 
-            spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-            device = actor_device(self.job.device)
-            self.upscalers[scale] = build_upscaler(spec, scale, device=device, memory_share=actor_gpu_share())
-        return self.upscalers[scale]
+                spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
+                device = actor_device(self.job.device)
+                share = actor_gpu_share()
+                self.upscalers[scale] = build_upscaler(spec, scale, device=device, memory_share=share)
+            return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows (task, index, dataset, scale, name, hr, lr) -> rows (task, index, *scores)."""

@@ -132,3 +132,30 @@ def test_bad_weights_fail_before_any_ray_work(weights_dir, benchmarks_dir, monke
         evaluate_many(sources, [2, 3], str(weights_dir / "PANx2_DF2K.pth"))
     with pytest.raises(WeightsError):
         evaluate_many(sources, [2], str(weights_dir / "nope_x{scale}.pth"))
+
+
+def test_two_batches_at_once_build_each_scales_engine_once(weights_dir, monkeypatch):
+    """A GPU actor takes two batches at once: both asking for x2 must get one engine, built once."""
+    import threading
+    import time
+
+    from pipeline.eval_job import EvalActor
+    from pipeline.jobspec import EvalJob
+
+    built = []
+
+    def slow_build(spec, scale, **kwargs):
+        built.append(scale)
+        time.sleep(0.2)  # loading weights: the window in which a second call would build again
+        return object()
+
+    monkeypatch.setattr("pipeline.engine.build_upscaler", slow_build)
+    actor = EvalActor(EvalJob(data=["Set5"], scale=[2, 4], weights=_weights(weights_dir), device="cpu"))
+    got = []
+    threads = [threading.Thread(target=lambda s=s: got.append((s, actor._upscaler(s)))) for s in (2, 2, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(built) == [2, 4]
+    assert len({id(engine) for scale, engine in got if scale == 2}) == 1
