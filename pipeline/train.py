@@ -6,7 +6,7 @@ optional EMA of the weights. Validation every ``val_every`` steps on a benchmark
 metrics; the best weights are tracked.
 
 Layout under ``STORAGE/NAME`` (local or ``s3://``):
-``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, step, EMA, RNG, best score),
+``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, AMP loss scale, step, EMA, RNG, best score),
 ``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
 and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``, ``export/`` (final weights)
 and ``export-best/`` (best validation), both in the ``save_pretrained`` layout that
@@ -19,6 +19,7 @@ model (another scale, or ``init_weights`` of another shape) is refused before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -66,6 +67,62 @@ class _RunFiles:
         write_bytes(
             join(self.job.run_dir, CURVE_FILE), learning_curve_png(self.records), self.job.storage_options
         )
+
+
+@dataclasses.dataclass
+class _Training:
+    """What a checkpoint saves and a resume restores, in one place (``state_dict`` and
+    ``load_state_dict``, as torch's own objects do): the model (DDP-wrapped once prepared), its
+    optimizer, the learning-rate schedule, AMP's loss scaler, the EMA copy, the step and the best
+    validation score. The loss scale matters on a GPU: a resumed run that starts it again at 2^16
+    skips steps on overflow until it has come down again."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.nn.Module | None
+    step: int = 0
+    best: float = float("-inf")
+
+    @property
+    def pan(self) -> PAN:
+        """The model being trained, unwrapped."""
+        return _unwrap(self.model)
+
+    @property
+    def scored(self) -> PAN:
+        """The weights validated and exported: the EMA copy when there is one."""
+        return _unwrap(self.ema) if self.ema is not None else self.pan
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.pan.state_dict(), "config": self.pan.config.to_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step, "best": self.best, "rng": torch.get_rng_state()}  # fmt: skip
+        if self.scaler.is_enabled():  # a disabled scaler has no state (and refuses to load one)
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, rank: int, seed: int) -> None:
+        """Restore a checkpoint's state. Rank 0 continues its saved random stream; the other
+        ranks get fresh streams tied to the step. A checkpoint made without AMP (on a CPU) leaves
+        the scaler as it is."""
+        if state.get("config", self.pan.config.to_dict()) != self.pan.config.to_dict():  # run.json's backstop
+            raise SettingsError(f"the checkpoint holds PAN {state['config']}, not {self.pan.config}")
+        self.pan.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.best = state["step"], state["best"]
+        if rank == 0:
+            torch.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(seed + rank + 7919 * self.step)
 
 
 def learning_curve_png(records: list[dict[str, Any]]) -> bytes:
@@ -138,31 +195,25 @@ def train_loop(config: dict[str, Any]) -> None:
     if job.ema_decay:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema_decay), use_buffers=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=job.restart_every, eta_min=job.min_lr
+    training = _Training(
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=job.restart_every, eta_min=job.min_lr
+        ),
+        torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+        ema,
     )
-    step, best = 0, float("-inf")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-        if state.get("config", model.config.to_dict()) != model.config.to_dict():  # run.json's backstop
-            raise SettingsError(
-                f"the checkpoint of {job.run_dir} holds PAN {state['config']}, not {model.config}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        step, best = state["step"], state["best"]
-        # rank 0 continues its saved random stream; the others get fresh streams tied to the step
-        if rank == 0:
-            torch.set_rng_state(state["rng"])
-        else:
-            torch.manual_seed(job.seed + rank + 7919 * step)
-    files = _RunFiles(job, step) if rank == 0 else None
-    model = ray.train.torch.prepare_model(model)
+        try:
+            training.load_state_dict(state, rank=rank, seed=job.seed)
+        except SettingsError as exc:
+            raise SettingsError(f"{job.run_dir}: {exc}") from exc
+    files = _RunFiles(job, training.step) if rank == 0 else None
+    training.model = model = ray.train.torch.prepare_model(model)
 
     pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data)
     dataset = PatchDataset(
@@ -176,16 +227,16 @@ def train_loop(config: dict[str, Any]) -> None:
     if len(loader) == 0:
         raise PipelineError(f"{job.data} has too few images for a batch of {per_worker} per worker")
     val_pairs = load_benchmark(job.val_data, job.scale)[1] if job.val_data and rank == 0 else []
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scheduler, scaler = training.scheduler, training.scaler
 
     loop_start = started = time.perf_counter()
     done_since_log = 0
-    epoch = step // len(loader)
-    while step < job.max_steps:
+    epoch = training.step // len(loader)
+    while training.step < job.max_steps:
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         for lr_batch, hr_batch in loader:
-            step += 1
+            training.step = step = training.step + 1
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 loss = torch.nn.functional.l1_loss(model(lr_batch), hr_batch)
             optimizer.zero_grad(set_to_none=True)
@@ -204,20 +255,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 print(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s", flush=True)
                 started, done_since_log = time.perf_counter(), 0
             if step % job.val_every == 0 or step == job.max_steps:
-                best = _checkpoint(
-                    job, rank, step, best, model, ema, optimizer, scheduler, record, val_pairs, files
-                )
+                _checkpoint(job, training, record, rank=rank, val_pairs=val_pairs, files=files)
             elif files is not None:
                 files.records.append(record)
             if step >= job.max_steps:
                 break
         epoch += 1
     if rank == 0:
-        _export(
-            _unwrap(ema) if ema is not None else _unwrap(model),
-            join(job.run_dir, "export"),
-            job.storage_options,
-        )
+        _export(training.scored, join(job.run_dir, "export"), job.storage_options)
 
 
 def _unwrap(model: torch.nn.Module) -> PAN:
@@ -226,36 +271,37 @@ def _unwrap(model: torch.nn.Module) -> PAN:
     return model
 
 
-def _checkpoint(job, rank, step, best, model, ema, optimizer, scheduler, record, val_pairs, files) -> float:
-    """Validate (rank 0), write metrics and a checkpoint; every rank reports. Returns the best score."""
+def _checkpoint(
+    job: TrainJob,
+    training: _Training,
+    record: dict[str, Any],
+    *,
+    rank: int,
+    val_pairs: list,
+    files: _RunFiles | None,
+) -> None:
+    """Validate (rank 0), write metrics and a checkpoint; every rank reports. Updates ``training.best``."""
     import ray.train
 
     metrics = dict(record)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            scored = _unwrap(ema) if ema is not None else _unwrap(model)
+            scored = training.scored
             if val_pairs:
                 scored.eval()
                 metrics["val_psnr_y"], metrics["val_ssim_y"] = _validate(
                     scored, val_pairs, next(scored.parameters()).device
                 )
                 scored.train()
-                if metrics["val_psnr_y"] > best:
-                    best = metrics["val_psnr_y"]
+                if metrics["val_psnr_y"] > training.best:
+                    training.best = metrics["val_psnr_y"]
                     _export(scored, join(job.run_dir, "export-best"), job.storage_options)
-            state = {"model": _unwrap(model).state_dict(), "config": _unwrap(model).config.to_dict(),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "best": best,
-                     "rng": torch.get_rng_state()}  # fmt: skip
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            torch.save(state, Path(tmp) / STATE_FILE)
+            torch.save(training.state_dict(), Path(tmp) / STATE_FILE)
             files.records.append(metrics)
             files.flush()
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**metrics, "best_val_psnr_y": best}, checkpoint=ckpt)
-    return best
+        ray.train.report({**metrics, "best_val_psnr_y": training.best}, checkpoint=ckpt)
 
 
 # -- the driver -----------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ def test_train_a_few_steps_with_nccl_and_amp_then_resume(shared_dir, tmp_path):
                 "batch_size": 16, "patch_size": 48, "val_every": 10}  # fmt: skip
     first = run_training(TrainJob(**settings, max_steps=10))
     assert first.error is None and first.metrics["step"] == 10
+    state_file = sorted((tmp_path / "gpu").glob("checkpoint_*/state.pt"))[-1]
+    assert torch.load(state_file, weights_only=True)["scaler"]["scale"] > 0  # AMP's loss scale is kept
     resumed = run_training(TrainJob(**settings, max_steps=20))
     assert resumed.error is None and resumed.metrics["step"] == 20
     steps = [json.loads(line)["step"] for line in (tmp_path / "gpu/metrics.jsonl").read_text().splitlines()]

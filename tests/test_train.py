@@ -164,3 +164,57 @@ def test_fine_tuning_official_weights_keeps_set5(local_ray, bsds, weights_dir, b
         for a, b in zip(model.state_dict().values(), official.state_dict().values(), strict=True)
     ]
     assert any(changed)  # it did train
+
+
+def _training(ema: bool, amp: bool):
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pipeline.model import PAN
+    from pipeline.train import _Training
+
+    model = PAN(scale=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=7e-4)
+    return _Training(
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=10),
+        torch.amp.GradScaler("cpu", enabled=amp),  # the CPU's scaler: the same state as CUDA's
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9)) if ema else None,
+    )
+
+
+def test_a_checkpoint_restores_every_part_of_the_training_state_with_the_loss_scale():
+    """Model, optimizer, schedule, EMA, step, best score and AMP's loss scale and growth tracker:
+    a resumed AMP run that started again at a scale of 2^16 would skip steps on overflow."""
+    import torch
+
+    before = _training(ema=True, amp=True)
+    patch = torch.from_numpy(np.linspace(0, 1, 3 * 16 * 16, dtype=np.float32).reshape(1, 3, 16, 16))
+    for _ in range(3):
+        loss = torch.nn.functional.l1_loss(before.model(patch), torch.zeros(1, 3, 32, 32))
+        before.optimizer.zero_grad()
+        before.scaler.scale(loss).backward()
+        before.scaler.step(before.optimizer)
+        before.scaler.update()
+        before.scheduler.step()
+        before.ema.update_parameters(before.model)
+    before.scaler.update(new_scale=512.0)  # as after overflows
+    before.step, before.best = 3, 31.5
+    after = _training(ema=True, amp=True)
+    after.load_state_dict(before.state_dict(), rank=0, seed=0)
+    assert (after.step, after.best) == (3, 31.5)
+    assert after.scaler.get_scale() == 512.0
+    assert after.scaler.state_dict() == before.scaler.state_dict()
+    assert after.scheduler.state_dict() == before.scheduler.state_dict()
+    assert after.optimizer.state_dict()["state"][0]["step"] == 3
+    for a, b in [(after.model, before.model), (after.ema, before.ema)]:
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+
+
+def test_a_checkpoint_without_amp_resumes_with_amp_at_a_fresh_scale():
+    """A run checkpointed on a CPU (no AMP, no scaler state) may resume on a GPU."""
+    after = _training(ema=False, amp=True)
+    after.load_state_dict(_training(ema=False, amp=False).state_dict(), rank=0, seed=0)
+    assert after.scaler.get_scale() == 2.0**16
