@@ -30,9 +30,12 @@ from pipeline.raycluster import (
     actor_gpu_share,
     actor_pool,
     actor_strategy,
+    agreed_build,
     connect,
     data_context,
     dataset_batches,
+    device_kind,
+    precision_choices,
 )
 
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
@@ -61,10 +64,11 @@ def comparison_png(pair: BenchmarkPair, score: ImageScore, sr: np.ndarray, bicub
 
 
 class EvalActor:
-    """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use."""
+    """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use, in the
+    precision the pool's actors agree on (``choices``: ``raycluster.precision_choices``)."""
 
-    def __init__(self, job: EvalJob) -> None:
-        self.job = job
+    def __init__(self, job: EvalJob, choices: Any | None = None) -> None:
+        self.job, self.choices = job, choices
         self.upscalers: dict[int, Any] = {}
         # A GPU actor takes two batches at once (``actor_pool``): without the lock, both could
         # build the same scale's engine, loading its weights and taking its memory twice.
@@ -76,9 +80,14 @@ class EvalActor:
                 from pipeline.engine import build_upscaler
 
                 spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-                device = actor_device(self.job.device)
-                share = actor_gpu_share()
-                self.upscalers[scale] = build_upscaler(spec, scale, device=device, memory_share=share)
+                device, share = actor_device(self.job.device), actor_gpu_share()
+
+                def build(precision: str):
+                    chosen = spec.model_copy(update={"precision": precision})
+                    return build_upscaler(chosen, scale, device=device, memory_share=share)
+
+                kind = f"x{scale} {device_kind(device)}"
+                self.upscalers[scale] = agreed_build(self.choices, kind, spec.precision, build)
             return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -182,7 +191,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     pool = _pool(job, total)
     scored = ds.map_batches(
         EvalActor,
-        fn_constructor_kwargs={"job": job},
+        fn_constructor_kwargs={"job": job, "choices": precision_choices(job.precision, pool["size"])},
         compute=actor_strategy(pool),
         num_gpus=pool["num_gpus"],
         num_cpus=pool["num_cpus"],

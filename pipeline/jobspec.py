@@ -79,7 +79,7 @@ Precision = Annotated[
     Field(
         description="fp32; bf16 (CPU and recent GPUs); fp16 (GPU only); auto: the fastest, measured when "
         "the model loads, of those that score within 0.02 dB of fp32 on this kind of device (fp32 unless "
-        "another is 1.25x as fast)"
+        "another is 1.25x as fast), once per kind of device in a pool of actors"
     ),
 ]
 

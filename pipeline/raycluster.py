@@ -13,6 +13,7 @@ outlived a SIGKILLed driver by a minute or more).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -374,6 +375,101 @@ def actor_gpu_share() -> float:
     except AssertionError:  # Ray's answer in a driver: only workers are assigned resources
         return 1.0
     return share if 0 < share < 1 else 1.0
+
+
+class _PrecisionChoices:
+    """A run's ``precision=auto`` decisions, one per kind of device (``device_kind``): a Ray actor
+    the driver starts when several model actors would each measure (``precision_choices``). The
+    first actor of a kind to ``claim`` it measures, then says what it chose, or that it could not
+    (``decide``); the others wait for that answer. So one run's outputs are made in one
+    precision per kind of device, and actors sharing a GPU do not time their trials while the
+    others run theirs (on an H100, four such actors chose fp16/fp32 and fp32/bf16 in two runs)."""
+
+    def __init__(self) -> None:
+        self._choices: dict[str, Any] = {}  # kind -> asyncio.Future of the precision (None: measure)
+
+    async def claim(self, kind: str, wait_s: float) -> str | None:
+        """The precision chosen for ``kind``, or None: the caller measures, then decides. A caller
+        that waited ``wait_s`` for an answer in vain measures too (its measurer may have died)."""
+        import asyncio
+
+        if kind not in self._choices:
+            self._choices[kind] = asyncio.get_running_loop().create_future()
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._choices[kind]), wait_s)
+        except asyncio.TimeoutError:
+            return None
+
+    async def decide(self, kind: str, precision: str | None) -> None:
+        """``kind``'s precision (first answer wins); None when the measurer failed: those waiting
+        measure for themselves."""
+        future = self._choices[kind]
+        if not future.done():
+            future.set_result(precision)
+
+
+AGREE_WAIT_S = 300.0  # how long an actor waits for another's choice: loading and timing take seconds
+
+
+def precision_choices(precision: str, actors: int) -> Any | None:
+    """Where a run's model actors agree on ``precision=auto`` (a ``_PrecisionChoices`` actor), or
+    None when there is nothing to agree on: a precision is given, or one actor decides alone."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.jobspec import AUTO
+
+    if precision != AUTO or actors < 2:
+        return None
+    # On the driver's node, whose loss ends the run anyway: a worker node may go mid-run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(_PrecisionChoices).remote()
+
+
+def device_kind(device: str) -> str:
+    """What a precision's speed depends on: the GPU's name, or the CPU's model and the instruction
+    set torch uses on it (bf16 is fast only where the CPU has it)."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        try:
+            return "cuda " + torch.cuda.get_device_name(torch.device(device))
+        except (AssertionError, RuntimeError, ValueError):  # no usable GPU: the engine says so, typed
+            return device
+    model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    return f"cpu {torch.backends.cpu.get_cpu_capability()} {model}"
+
+
+def agreed_build(choices: Any | None, kind: str, precision: str, build: Callable[[str], Any]) -> Any:
+    """``build(precision)``: an engine, whose ``precision`` says what it runs in. With ``choices``
+    (``precision_choices``, so ``precision`` is ``auto``), in the precision the run's actors agree
+    on for the ``kind`` of device: the first builds with ``auto``, measuring, and the others with
+    its choice. Should the choices be lost (their node gone), each actor measures for itself."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from pipeline.jobspec import AUTO
+
+    if choices is None:
+        return build(precision)
+    try:
+        chosen = ray.get(choices.claim.remote(kind, AGREE_WAIT_S))
+    except RayActorError:
+        return build(AUTO)
+    if chosen is not None:
+        return build(chosen)
+    try:
+        built = build(AUTO)
+    except BaseException:
+        choices.decide.remote(kind, None)
+        raise
+    choices.decide.remote(kind, built.precision)  # not waited for: a lost answer makes others measure
+    return built
 
 
 def user_error(exc: BaseException) -> PipelineError | None:

@@ -40,9 +40,12 @@ from pipeline.raycluster import (
     actor_gpu_share,
     actor_pool,
     actor_strategy,
+    agreed_build,
     connect,
     data_context,
     dataset_batches,
+    device_kind,
+    precision_choices,
 )
 from pipeline.sinks import output_name
 from pipeline.sources import COLLISION, InputUnit, collision_message, read_unit
@@ -118,9 +121,10 @@ def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
 class UpscaleActor:
     """Holds one PAN (loaded once) on its device; upscales a batch's pixels in one engine call
     (``Upscaler.upscale_many``), so windows of equal shape share forward passes. The alpha
-    channels are enlarged in the encode stage, on CPU tasks."""
+    channels are enlarged in the encode stage, on CPU tasks. With ``precision=auto``, the pool's
+    actors agree on one precision per kind of device (``choices``: ``raycluster.precision_choices``)."""
 
-    def __init__(self, job: UpscaleJob, threads: int) -> None:
+    def __init__(self, job: UpscaleJob, threads: int, choices: Any | None = None) -> None:
         import torch
 
         from pipeline.engine import build_upscaler
@@ -130,9 +134,16 @@ class UpscaleActor:
             # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model
             # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
             torch.set_num_threads(threads)
-        self.upscaler = build_upscaler(
-            job, job.scale, device=device, storage_options=job.storage_options, memory_share=actor_gpu_share()
-        )
+        share = actor_gpu_share()
+
+        def build(precision: str):
+            chosen = job.model_copy(update={"precision": precision})
+            options = job.storage_options
+            return build_upscaler(
+                chosen, job.scale, device=device, storage_options=options, memory_share=share
+            )
+
+        self.upscaler = agreed_build(choices, f"x{job.scale} {device_kind(device)}", job.precision, build)
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
         # runs the other. The engine computes one call at a time anyway; holding the turn here
         # too keeps a call's waiting out of its rows' seconds.
@@ -335,7 +346,11 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any]):
         .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
         .map_batches(
             UpscaleActor,
-            fn_constructor_kwargs={"job": job, "threads": pool["threads"]},
+            fn_constructor_kwargs={
+                "job": job,
+                "threads": pool["threads"],
+                "choices": precision_choices(job.precision, pool["size"]),
+            },
             compute=actor_strategy(pool),
             num_gpus=pool["num_gpus"],
             num_cpus=pool["num_cpus"],
@@ -458,7 +473,7 @@ class Recorder:
     """Turns the rows that reach the driver into the run's ledger entries, Parquet rows and errors
     (``RunLog``), and counts them: ``counts`` by status (succeeded, failed, skipped, gave_up),
     ``suspect``, input and output ``pixels``, and the outputs by the ``precisions`` PAN ran in (with
-    ``precision=auto`` each actor measures its own: the summary says what was chosen)."""
+    ``precision=auto``, one per kind of device in the pool: the summary says what was chosen)."""
 
     def __init__(self, job: UpscaleJob, record: sinks.DestinationRecord, log: RunLog, work: Plan) -> None:
         self.job, self.record, self.log, self.work = job, record, log, work
