@@ -360,7 +360,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     """``pan runs DEST``: the runs of a destination's ledger with their counts; ``--failed``: the
     inputs whose last attempt failed."""
-    from pipeline.lease import Lease
+    from pipeline.lease import lease_holder
     from pipeline.ledger import failed_inputs, run_rows
     from pipeline.sinks import LEASE_NAME, read_record
     from pipeline.storage import join, resolve_location
@@ -380,7 +380,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             )
         print(f"{len(rows)} inputs failed at their last attempt", file=sys.stderr)
         return 0
-    holder = Lease(join(dest, LEASE_NAME), "", storage_options=options).holder()
+    holder = lease_holder(join(dest, LEASE_NAME), options)
     print("|run|state|succeeded|failed|skipped|given up|suspect|output MP|seconds|")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in run_rows(dest, options):

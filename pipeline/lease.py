@@ -73,6 +73,18 @@ class LeaseRecord:
         )
 
 
+def lease_holder(location: str, storage_options: dict[str, Any] | None = None) -> LeaseRecord | None:
+    """The lease at ``location`` as it is now, or None when nobody holds it."""
+    try:
+        return LeaseRecord(**json.loads(read_bytes(location, storage_options)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:  # not ours to guess: a person must look
+        raise DestinationError(
+            f"{location} is not a lease pan wrote ({exc}); remove it if no run is on"
+        ) from exc
+
+
 class Lease:
     """``with Lease(location, run_id): ...``: hold the lease at ``location`` for the block.
 
@@ -113,14 +125,7 @@ class Lease:
 
     def holder(self) -> LeaseRecord | None:
         """The lease as it is now, or None when nobody holds it."""
-        try:
-            return LeaseRecord(**json.loads(read_bytes(self.location, self.storage_options)))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError) as exc:  # not ours to guess: a person must look
-            raise DestinationError(
-                f"{self.location} is not a lease pan wrote ({exc}); remove it if no run is on"
-            ) from exc
+        return lease_holder(self.location, self.storage_options)
 
     # -- taking, keeping, giving back -----------------------------------------------------------
 
