@@ -496,8 +496,12 @@ class Recorder:
         return {"key": row["key"], "name": row["name"], "error_type": error_type, "message": message,
                 "input_sha256": row.get("input_sha256") or None, "run_id": self.log.run_id}  # fmt: skip
 
+    def _attempt(self, key: str) -> int:
+        """Which attempt at ``key`` this run's is: one more than the ledger counts before it."""
+        return self.work.attempts.get(key, 0) + 1
+
     def _failed(self, row: dict[str, Any], error_type: str, message: str) -> None:
-        attempts = self.work.attempts.get(row["key"], 0) + 1
+        attempts = self._attempt(row["key"])
         if attempts >= self.job.max_attempts:
             message += f" (attempt {attempts} of --max-attempts {self.job.max_attempts}: not tried again)"
         self.counts["failed"] += 1
@@ -546,7 +550,7 @@ class Recorder:
                 f"{self.job.min_psnr_vs_bicubic:g}: PAN's output is likely garbage (noise, patterns)"
             )
             error = {"error_type": SUSPECT, "error": message}
-        attempts = self.work.attempts.get(row["key"], 0) + 1
+        attempts = self._attempt(row["key"])
         written = done | (now - {"parquet"})  # a Parquet row counts once its part is written (RunLog.add)
         entry = self._entry(row, "succeeded", attempts, written, **error)
         parquet_row = None
