@@ -387,14 +387,19 @@ class _PrecisionChoices:
 
     def __init__(self) -> None:
         self._choices: dict[str, Any] = {}  # kind -> asyncio.Future of the precision (None: measure)
+        self._measurers: dict[str, str | None] = {}  # kind -> the Ray actor id that measures it
 
-    async def claim(self, kind: str, wait_s: float) -> str | None:
-        """The precision chosen for ``kind``, or None: the caller measures, then decides. A caller
-        that waited ``wait_s`` for an answer in vain measures too (its measurer may have died)."""
+    async def claim(self, kind: str, caller: str | None, wait_s: float) -> str | None:
+        """The precision chosen for ``kind``, or None: the caller measures, then decides. The
+        measurer restarted by Ray (same actor id) measures again; a caller that waited ``wait_s``
+        for an answer in vain measures too (its measurer may be gone for good)."""
         import asyncio
 
         if kind not in self._choices:
             self._choices[kind] = asyncio.get_running_loop().create_future()
+            self._measurers[kind] = caller
+            return None
+        if caller is not None and caller == self._measurers[kind] and not self._choices[kind].done():
             return None
         try:
             return await asyncio.wait_for(asyncio.shield(self._choices[kind]), wait_s)
@@ -409,7 +414,10 @@ class _PrecisionChoices:
             future.set_result(precision)
 
 
-AGREE_WAIT_S = 300.0  # how long an actor waits for another's choice: loading and timing take seconds
+# How long an actor waits for another's choice. Loading and timing take seconds; a measurer that
+# dies mid-way and is not restarted (its node lost) never answers, and those waiting stall this
+# long before measuring for themselves.
+AGREE_WAIT_S = 60.0
 
 
 def precision_choices(precision: str, actors: int) -> Any | None:
@@ -458,7 +466,8 @@ def agreed_build(choices: Any | None, kind: str, precision: str, build: Callable
     if choices is None:
         return build(precision)
     try:
-        chosen = ray.get(choices.claim.remote(kind, AGREE_WAIT_S))
+        caller = ray.get_runtime_context().get_actor_id()  # None outside an actor
+        chosen = ray.get(choices.claim.remote(kind, caller, AGREE_WAIT_S))
     except RayActorError:
         return build(AUTO)
     if chosen is not None:

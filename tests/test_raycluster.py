@@ -134,3 +134,18 @@ def test_when_the_choices_are_lost_each_actor_measures_for_itself(local_ray):
     asked = []
     engine = agreed_build(choices, "x2 cpu", "auto", lambda p: asked.append(p) or _Engine("bf16"))
     assert asked == ["auto"] and engine.precision == "bf16"
+
+
+def test_a_restarted_measurer_measures_again_and_the_others_take_its_answer(local_ray):
+    """Ray restarts a dead actor under the same id: it must not wait for its own lost answer."""
+    from pipeline.raycluster import precision_choices
+
+    choices = precision_choices("auto", 2)
+    assert local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) is None  # a measures
+    assert local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) is None  # a, restarted
+    waiting = choices.claim.remote("x4 cpu", "actor-b", 30.0)
+    choices.decide.remote("x4 cpu", "bf16")
+    assert local_ray.get(waiting) == "bf16"
+    assert (
+        local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) == "bf16"
+    )  # decided: no more measuring
