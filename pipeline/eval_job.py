@@ -27,14 +27,12 @@ from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchm
 from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
 from pipeline.raycluster import (
     actor_device,
-    actor_gpu_share,
     actor_pool,
     actor_strategy,
-    agreed_build,
+    actor_upscaler,
     connect,
     data_context,
     dataset_batches,
-    device_kind,
     precision_choices,
 )
 
@@ -77,17 +75,10 @@ class EvalActor:
     def _upscaler(self, scale: int):
         with self._building:
             if scale not in self.upscalers:
-                from pipeline.engine import build_upscaler
-
                 spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-                device, share = actor_device(self.job.device), actor_gpu_share()
-
-                def build(precision: str):
-                    chosen = spec.model_copy(update={"precision": precision})
-                    return build_upscaler(chosen, scale, device=device, memory_share=share)
-
-                kind = f"x{scale} {device_kind(device)}"
-                self.upscalers[scale] = agreed_build(self.choices, kind, spec.precision, build)
+                self.upscalers[scale] = actor_upscaler(
+                    spec, scale, actor_device(self.job.device), self.choices
+                )
             return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

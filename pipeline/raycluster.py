@@ -481,6 +481,25 @@ def agreed_build(choices: Any | None, kind: str, precision: str, build: Callable
     return built
 
 
+def actor_upscaler(
+    spec: Any, scale: int, device: str, choices: Any | None, storage_options: dict[str, Any] | None = None
+) -> Any:
+    """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``:
+    on ``device`` (``actor_device``), with its share of the GPU's memory (``actor_gpu_share``), in
+    the precision the pool agrees on (``agreed_build``)."""
+    from pipeline.engine import build_upscaler
+
+    share = actor_gpu_share()
+
+    def build(precision: str) -> Any:
+        chosen = spec.model_copy(update={"precision": precision})
+        return build_upscaler(
+            chosen, scale, device=device, storage_options=storage_options, memory_share=share
+        )
+
+    return agreed_build(choices, f"x{scale} {device_kind(device)}", spec.precision, build)
+
+
 def user_error(exc: BaseException) -> PipelineError | None:
     """The PipelineError (bad weights, unusable device...) that made a Ray task or actor fail.
 

@@ -37,14 +37,12 @@ from pipeline.ledger import RunLog
 from pipeline.planner import Collision, Plan, plan
 from pipeline.raycluster import (
     actor_device,
-    actor_gpu_share,
     actor_pool,
     actor_strategy,
-    agreed_build,
+    actor_upscaler,
     connect,
     data_context,
     dataset_batches,
-    device_kind,
     precision_choices,
 )
 from pipeline.sinks import output_name
@@ -127,23 +125,12 @@ class UpscaleActor:
     def __init__(self, job: UpscaleJob, threads: int, choices: Any | None = None) -> None:
         import torch
 
-        from pipeline.engine import build_upscaler
-
         device = actor_device(job.device)
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model
             # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
             torch.set_num_threads(threads)
-        share = actor_gpu_share()
-
-        def build(precision: str):
-            chosen = job.model_copy(update={"precision": precision})
-            options = job.storage_options
-            return build_upscaler(
-                chosen, job.scale, device=device, storage_options=options, memory_share=share
-            )
-
-        self.upscaler = agreed_build(choices, f"x{job.scale} {device_kind(device)}", job.precision, build)
+        self.upscaler = actor_upscaler(job, job.scale, device, choices, job.storage_options)
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
         # runs the other. The engine computes one call at a time anyway; holding the turn here
         # too keeps a call's waiting out of its rows' seconds.
