@@ -26,14 +26,12 @@ from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
 from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
 from pipeline.raycluster import (
-    actor_device,
     actor_pool,
-    actor_strategy,
     actor_upscaler,
     connect,
     data_context,
     dataset_batches,
-    precision_choices,
+    model_stage,
 )
 
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
@@ -63,10 +61,11 @@ def comparison_png(pair: BenchmarkPair, score: ImageScore, sr: np.ndarray, bicub
 
 class EvalActor:
     """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use, in the
-    precision the pool's actors agree on (``choices``: ``raycluster.precision_choices``)."""
+    precision the pool's actors agree on (``choices``: ``raycluster.precision_choices``), with
+    ``threads`` torch threads on the CPU."""
 
-    def __init__(self, job: EvalJob, choices: Any | None = None) -> None:
-        self.job, self.choices = job, choices
+    def __init__(self, job: EvalJob, threads: int, choices: Any | None = None) -> None:
+        self.job, self.threads, self.choices = job, threads, choices
         self.upscalers: dict[int, Any] = {}
         # A GPU actor takes two batches at once (``actor_pool``): without the lock, both could
         # build the same scale's engine, loading its weights and taking its memory twice.
@@ -76,9 +75,7 @@ class EvalActor:
         with self._building:
             if scale not in self.upscalers:
                 spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-                self.upscalers[scale] = actor_upscaler(
-                    spec, scale, actor_device(self.job.device), self.choices
-                )
+                self.upscalers[scale] = actor_upscaler(spec, scale, self.threads, self.choices)
             return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -151,14 +148,6 @@ def _put_benchmarks(job: EvalJob) -> tuple[list[_Task], Any]:
     return tasks, parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _pool(job: EvalJob, images: int) -> dict[str, Any]:
-    # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per
-    # CPU, each running one torch thread (Ray sets OMP_NUM_THREADS=1 for fractional actors).
-    pool = actor_pool(job.actors, job.actor_cpus)
-    pool["size"] = max(1, min(pool["size"], images))
-    return pool
-
-
 def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None) -> list[EvalReport]:
     """One report per (source, scale), sources outer, scales inner; ``on_progress(done, total)``.
 
@@ -179,16 +168,9 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     data_context()
     tasks, ds = _put_benchmarks(job)
     total = sum(len(t.names) for t in tasks)
-    pool = _pool(job, total)
-    scored = ds.map_batches(
-        EvalActor,
-        fn_constructor_kwargs={"job": job, "choices": precision_choices(job.precision, pool["size"])},
-        compute=actor_strategy(pool),
-        num_gpus=pool["num_gpus"],
-        num_cpus=pool["num_cpus"],
-        batch_size=job.images_per_batch,
-        udf_modifying_row_count=False,
-    )
+    # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per CPU.
+    pool = actor_pool(job.actors, job.actor_cpus, total)
+    scored = model_stage(ds, EvalActor, pool, job.precision, batch_size=job.images_per_batch, job=job)
     scores: dict[tuple[int, int], dict[str, float]] = {}
     with dataset_batches(scored) as batches:
         for batch in batches:

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,25 +305,66 @@ def _after_shutdown(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     return drop_ray_data_finalizers
 
 
-def actor_pool(actors: int | None, actor_cpus: float) -> dict[str, Any]:
-    """Map-batches actor settings: one actor per GPU where the cluster has GPUs (``actors`` beyond
-    the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors reserving
+@dataclass(frozen=True)
+class ActorPool:
+    """How a job's model actors run (``actor_pool``): ``size`` actors, each reserving ``num_gpus``
+    and ``num_cpus``, taking ``calls`` Ray Data calls at once, and computing with ``threads``
+    torch threads when it runs on the CPU (its share of the node's cores)."""
+
+    size: int
+    num_gpus: float
+    num_cpus: float
+    calls: int
+    threads: int
+
+
+def actor_pool(actors: int | None, actor_cpus: float, inputs: int) -> ActorPool:
+    """The model actors for ``inputs`` inputs: one per GPU where the cluster has GPUs (``actors``
+    beyond the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors reserving
     ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one per CPU
-    unless ``actors`` says how many.
+    unless ``actors`` says how many; never more actors than inputs.
 
     ``calls``: Ray Data calls an actor takes at once. A GPU actor takes 2: while its model runs one
     batch (one at a time still), Ray fetches and formats the next one in the actor's other thread,
-    so the GPU does not wait for it. A CPU actor takes 1: its one core is busy computing."""
+    so the GPU does not wait for it. A CPU actor takes 1: its one core is busy computing.
+
+    ``threads``: on the CPU, one single-threaded actor per core beats fewer multi-threaded ones:
+    PAN scales linearly over processes, while OpenMP threads stall at every barrier when a decode
+    or encode task takes their core (measured on 2 cores: 1.35 vs 1.02 output MP/s,
+    benchmarks/README.md). Fewer actors than cores (``actors``, or few inputs) share the cores."""
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
+    size = max(1, min(actors or gpus or int(cpus), inputs))
+    threads = max(1, int(cpus // size))
     if gpus:
-        size = actors or gpus
         share = 1 / math.ceil(size / gpus)  # 1/k: k actors fit each GPU, whatever k (2/3 would not)
-        return {"size": size, "num_gpus": share, "num_cpus": _leave_cpus_to_tasks(1, size, cpus), "calls": 2}
-    size = actors or max(1, int(cpus))
-    return {"size": size, "num_gpus": 0, "num_cpus": _leave_cpus_to_tasks(actor_cpus, size, cpus), "calls": 1}
+        return ActorPool(size, share, _leave_cpus_to_tasks(1, size, cpus), calls=2, threads=threads)
+    return ActorPool(size, 0, _leave_cpus_to_tasks(actor_cpus, size, cpus), calls=1, threads=threads)
+
+
+def model_stage(
+    dataset: Any, actor: type, pool: ActorPool, precision: str, *, batch_size: int, **constructor: Any
+) -> Any:
+    """``dataset`` mapped through ``pool``'s actors of class ``actor``, ``batch_size`` rows per
+    call, each actor made with ``constructor`` plus its ``threads`` and, where several must agree
+    on ``precision=auto``, the ``choices`` they share (``precision_choices``)."""
+    import ray.data
+
+    return dataset.map_batches(
+        actor,
+        fn_constructor_kwargs={
+            **constructor,
+            "threads": pool.threads,
+            "choices": precision_choices(precision, pool.size),
+        },
+        compute=ray.data.ActorPoolStrategy(size=pool.size, max_concurrent_calls_per_actor=pool.calls),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
+        batch_size=batch_size,
+        udf_modifying_row_count=False,
+    )
 
 
 CPUS_LEFT_TO_TASKS = 2  # a read task and an encode task side by side (they reserve one CPU each)
@@ -339,13 +381,6 @@ def _leave_cpus_to_tasks(wanted: float, size: int, cpus: float) -> float:
     a 1-CPU machine (or a 2-CPU one with a GPU) the actors once took every CPU, and the run hung,
     as no task could start."""
     return max(0.0, min(wanted, (cpus - CPUS_LEFT_TO_TASKS) / size))
-
-
-def actor_strategy(pool: dict[str, Any]):
-    """Ray Data's compute strategy for an ``actor_pool``."""
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=pool["calls"])
 
 
 def actor_device(requested: str) -> str:
@@ -482,13 +517,21 @@ def agreed_build(choices: Any | None, kind: str, precision: str, build: Callable
 
 
 def actor_upscaler(
-    spec: Any, scale: int, device: str, choices: Any | None, storage_options: dict[str, Any] | None = None
+    spec: Any, scale: int, threads: int, choices: Any | None, storage_options: dict[str, Any] | None = None
 ) -> Any:
     """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``:
-    on ``device`` (``actor_device``), with its share of the GPU's memory (``actor_gpu_share``), in
+    on the device the actor was given (``actor_device``), computing with ``threads`` torch threads
+    on the CPU (``ActorPool.threads``), with its share of the GPU's memory (``actor_gpu_share``), in
     the precision the pool agrees on (``agreed_build``)."""
+    import torch
+
     from pipeline.engine import build_upscaler
 
+    device = actor_device(spec.device)
+    if device == "cpu":
+        # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model is
+        # the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
+        torch.set_num_threads(threads)
     share = actor_gpu_share()
 
     def build(precision: str) -> Any:

@@ -36,14 +36,13 @@ from pipeline.lease import Lease, LeaseRecord, new_run_id
 from pipeline.ledger import RunLog
 from pipeline.planner import Collision, Plan, plan
 from pipeline.raycluster import (
-    actor_device,
+    ActorPool,
     actor_pool,
-    actor_strategy,
     actor_upscaler,
     connect,
     data_context,
     dataset_batches,
-    precision_choices,
+    model_stage,
 )
 from pipeline.sinks import output_name
 from pipeline.sources import COLLISION, InputUnit, collision_message, read_unit
@@ -123,14 +122,7 @@ class UpscaleActor:
     actors agree on one precision per kind of device (``choices``: ``raycluster.precision_choices``)."""
 
     def __init__(self, job: UpscaleJob, threads: int, choices: Any | None = None) -> None:
-        import torch
-
-        device = actor_device(job.device)
-        if device == "cpu":
-            # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model
-            # is the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
-            torch.set_num_threads(threads)
-        self.upscaler = actor_upscaler(job, job.scale, device, choices, job.storage_options)
+        self.upscaler = actor_upscaler(job, job.scale, threads, choices, job.storage_options)
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
         # runs the other. The engine computes one call at a time anyway; holding the turn here
         # too keeps a call's waiting out of its rows' seconds.
@@ -281,23 +273,6 @@ def preflight(job: UpscaleJob) -> Preflight:
     return Preflight(sinks.DestinationRecord(job.scale, weights_id, weights_sha256), exclude)
 
 
-def model_pool(job: UpscaleJob, units: int) -> dict[str, Any]:
-    """The model actors for ``units`` inputs to read: one per GPU where the cluster has GPUs; else one
-    CPU actor per CPU, unless ``job.actors`` says how many; never more actors than inputs. On the CPU
-    each computes on its share of the cores (``threads``): one torch thread by default.
-
-    On the CPU, one single-threaded actor per core beats fewer multi-threaded ones: PAN scales
-    linearly over processes, while OpenMP threads stall at every barrier when a decode or encode
-    task takes their core (measured on 2 cores: 1.35 vs 1.02 output MP/s, benchmarks/README.md).
-    """
-    import ray
-
-    pool = actor_pool(job.actors, job.actor_cpus)
-    pool["size"] = max(1, min(pool["size"], units))
-    pool["threads"] = max(1, int(ray.cluster_resources().get("CPU", 1) // pool["size"]))
-    return pool
-
-
 IMAGES_PER_READ_TASK = 16
 
 
@@ -313,8 +288,8 @@ def read_blocks(todo: list[InputUnit], actors: int) -> int:
     return max(1, min(len(todo), max(-(-len(todo) // per_task), 2 * actors)))
 
 
-def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any]):
-    """The lazy Ray Dataset: read -> decode -> PAN actors (``model_pool``) -> encode -> write PNG,
+def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: ActorPool):
+    """The lazy Ray Dataset: read -> decode -> PAN actors (``pool``) -> encode -> write PNG,
     one row per input for the driver to record (``Recorder``)."""
     import ray.data
 
@@ -327,25 +302,15 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: dict[str, Any]):
     read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
     write_args = {"dest": job.dest, "overwrite": job.overwrite, "storage_options": job.storage_options}
     encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
-    return (
-        ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool["size"]))
+    decoded = (
+        ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size))
         .map_batches(read_stage, batch_size=None, fn_kwargs=read_args)  # a read task: one block
         .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
-        .map_batches(
-            UpscaleActor,
-            fn_constructor_kwargs={
-                "job": job,
-                "threads": pool["threads"],
-                "choices": precision_choices(job.precision, pool["size"]),
-            },
-            compute=actor_strategy(pool),
-            num_gpus=pool["num_gpus"],
-            num_cpus=pool["num_cpus"],
-            **per_image,
-        )
-        .map_batches(encode_stage, fn_kwargs=encode_args, **per_image)
-        .map_batches(write_stage, fn_kwargs=write_args, **per_image)
     )
+    batch = job.images_per_batch
+    upscaled = model_stage(decoded, UpscaleActor, pool, job.precision, batch_size=batch, job=job)
+    encoded = upscaled.map_batches(encode_stage, fn_kwargs=encode_args, **per_image)
+    return encoded.map_batches(write_stage, fn_kwargs=write_args, **per_image)
 
 
 ProgressCallback = Callable[[Counter, int, "int | None"], None]
@@ -415,7 +380,7 @@ def _run_leased(
         on_progress(recorder.counts, 0, total)
     if work.todo:
         data_context()
-        pool = model_pool(job, len(work.todo))
+        pool = actor_pool(job.actors, job.actor_cpus, len(work.todo))
         ds = build_dataset(job, work.todo, pool)
         computing = time.perf_counter()
         with dataset_batches(ds) as batches:
@@ -426,10 +391,10 @@ def _run_leased(
                 if on_progress:
                     on_progress(recorder.counts, recorder.pixels["output"], total)
         hours = (time.perf_counter() - computing) / 3600
-        per_actor_cpus = pool["num_cpus"] if pool["num_gpus"] else pool["threads"]
+        per_actor_cpus = pool.num_cpus if pool.num_gpus else pool.threads
         actor_hours = {
-            "gpu": pool["size"] * pool["num_gpus"] * hours,
-            "cpu": pool["size"] * per_actor_cpus * hours,
+            "gpu": pool.size * pool.num_gpus * hours,
+            "cpu": pool.size * per_actor_cpus * hours,
         }
     counts, pixels = recorder.counts, recorder.pixels
     seconds = time.perf_counter() - started

@@ -150,7 +150,8 @@ def test_two_batches_at_once_build_each_scales_engine_once(weights_dir, monkeypa
         return object()
 
     monkeypatch.setattr("pipeline.engine.build_upscaler", slow_build)
-    actor = EvalActor(EvalJob(data=["Set5"], scale=[2, 4], weights=_weights(weights_dir), device="cpu"))
+    job = EvalJob(data=["Set5"], scale=[2, 4], weights=_weights(weights_dir), device="cpu")
+    actor = EvalActor(job, threads=torch.get_num_threads())  # this process's, left as they are
     got = []
     threads = [threading.Thread(target=lambda s=s: got.append((s, actor._upscaler(s)))) for s in (2, 2, 4)]
     for t in threads:

@@ -149,3 +149,29 @@ def test_a_restarted_measurer_measures_again_and_the_others_take_its_answer(loca
     assert (
         local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) == "bf16"
     )  # decided: no more measuring
+
+
+def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
+    """Ray gives an actor reserving a fraction of a CPU one OpenMP thread; the engine must use the
+    threads its pool gave it (``ActorPool.threads``), whichever job the actor belongs to."""
+    import torch
+
+    from pipeline.jobspec import InferenceSpec
+    from pipeline.raycluster import actor_upscaler
+
+    built = []
+
+    def build_upscaler(spec, scale, **settings):
+        built.append(settings)
+        return _Engine(spec.precision)
+
+    monkeypatch.setattr("pipeline.engine.build_upscaler", build_upscaler)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            spec = InferenceSpec(weights="w.pth", device="cpu", precision="fp32")
+            assert actor_upscaler(spec, 2, threads, None).precision == "fp32"
+            assert torch.get_num_threads() == threads
+        assert [kw["device"] for kw in built] == ["cpu", "cpu"]
+    finally:
+        torch.set_num_threads(before)

@@ -18,8 +18,9 @@ import pipeline
 from pipeline.cli import main
 from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
+from pipeline.raycluster import ActorPool, actor_pool
 from pipeline.storage import list_files
-from pipeline.upscale import UpscaleJob, model_pool, psnr_vs_bicubic, run_upscale
+from pipeline.upscale import UpscaleJob, psnr_vs_bicubic, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BAD = {"empty.png", "notes.jpg", "sub/truncated.png"}
@@ -174,10 +175,12 @@ def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weigh
 def test_cpu_cluster_gets_one_single_threaded_model_actor_per_cpu(local_ray):
     job = UpscaleJob(source="in", dest="out", scale=2)
     # on 2 CPUs the actors reserve none: both stay free for a read and an encode task
-    assert model_pool(job, 100) == {"size": 2, "num_gpus": 0, "num_cpus": 0.0, "calls": 1, "threads": 1}
+    two = ActorPool(size=2, num_gpus=0, num_cpus=0.0, calls=1, threads=1)
+    assert actor_pool(job.actors, job.actor_cpus, 100) == two
     # fewer actors than CPUs (asked for, or one input): each computes on its share of the cores
-    assert model_pool(job, 1) == {"size": 1, "num_gpus": 0, "num_cpus": 0.0, "calls": 1, "threads": 2}
-    assert model_pool(job.model_copy(update={"actors": 1}), 100)["threads"] == 2
+    one = ActorPool(size=1, num_gpus=0, num_cpus=0.0, calls=1, threads=2)
+    assert actor_pool(job.actors, job.actor_cpus, 1) == one
+    assert actor_pool(1, job.actor_cpus, 100) == one
 
 
 # ---------------------------------------------------------------------------------------------

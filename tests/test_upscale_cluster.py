@@ -15,9 +15,9 @@ import pytest
 
 from pipeline.errors import DeviceError
 from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.raycluster import WATCHDOG_MARK, actor_gpu_share
+from pipeline.raycluster import WATCHDOG_MARK, ActorPool, actor_gpu_share, actor_pool
 from pipeline.storage import list_files
-from pipeline.upscale import UpscaleJob, model_pool, run_upscale
+from pipeline.upscale import UpscaleJob, run_upscale
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PAN_BIN = str(Path(sys.executable).with_name("pan"))
@@ -172,7 +172,8 @@ def test_one_cpu_machine_leaves_the_cpu_to_the_tasks_and_finishes(benchmarks_dir
         job = UpscaleJob(
             source=str(src), dest=str(tmp_path / "out"), scale=4, weights=str(weights_dir / "PANx4_DF2K.pth")
         )
-        assert model_pool(job, 5) == {"size": 1, "num_gpus": 0, "num_cpus": 0.0, "calls": 1, "threads": 1}
+        pool = ActorPool(size=1, num_gpus=0, num_cpus=0.0, calls=1, threads=1)
+        assert actor_pool(job.actors, job.actor_cpus, 5) == pool
         assert run_upscale(job)["succeeded"] == 5
     finally:
         ray.shutdown()
@@ -188,12 +189,15 @@ def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weig
         weights = str(weights_dir / "PANx4_DF2K.pth")
         job = UpscaleJob(source=str(src), dest=str(tmp_path / "cpu"), scale=4, weights=weights, device="cpu")
         # one actor per GPU, taking the next batch while it computes (2 calls, one model run at a time)
-        assert model_pool(job, 5) == {"size": 1, "num_gpus": 1, "num_cpus": 0.0, "calls": 2, "threads": 2}
+        pool = ActorPool(size=1, num_gpus=1, num_cpus=0.0, calls=2, threads=2)
+        assert actor_pool(job.actors, job.actor_cpus, 5) == pool
         # more actors than GPUs share them, 1/k each with k per GPU, and know their share
         shared = job.model_copy(update={"actors": 2})
-        pool = {"size": 2, "num_gpus": 0.5, "num_cpus": 0.0, "calls": 2, "threads": 1}
-        assert model_pool(shared, 5) == pool
-        assert model_pool(job.model_copy(update={"actors": 3}), 5)["num_gpus"] == pytest.approx(1 / 3)
+        pool = ActorPool(size=2, num_gpus=0.5, num_cpus=0.0, calls=2, threads=1)
+        assert actor_pool(2, job.actor_cpus, 5) == pool
+        assert actor_pool(3, job.actor_cpus, 5).num_gpus == pytest.approx(1 / 3)
+        # never more actors than inputs, and those few get the GPU's larger shares
+        assert actor_pool(3, job.actor_cpus, 2) == pool
         shares = [ray.remote(num_gpus=n)(actor_gpu_share).remote() for n in (0.25, 0.5, 1, 0)]
         assert ray.get(shares) == [0.25, 0.5, 1.0, 1.0] and actor_gpu_share() == 1.0  # the driver: 1.0
         assert run_upscale(shared)["succeeded"] == 5
