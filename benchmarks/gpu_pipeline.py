@@ -28,7 +28,8 @@ precision without CUDA graphs and with ``compile`` (one graph per window shape, 
 the warm-up pass, which is timed apart): what ``auto`` chose from, and what graphs and compiling add.
 
 The workload is Set14 + Set5 LR at the scale, copied as in ``upscale_throughput.py`` so that the
-engine runs about ``--seconds`` per pass (each pipeline run then takes about as long or longer).
+engine runs about ``--seconds`` per pass: sized from one pass over the 19 images, then, for the
+pipeline runs, from the rate of the long pass (each pipeline run then takes about as long or longer).
 """
 
 from __future__ import annotations
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     one = engine_figures(upscaler, pixels, per_call)
     copies = max(1, math.ceil(args.seconds / one["seconds"]))
     engine = engine_figures(upscaler, pixels * copies, per_call)
+    # The pipelines' workload, sized from the long pass's rate: on the H100 the 19-image pass ran
+    # at about 10 MP/s, 22 copies at 78, and ``--seconds 8`` gave the pipelines 5 s of engine work.
+    runs_copies = max(copies, math.ceil(args.seconds * engine["mp_per_second"] / one["output_megapixels"]))
     dense = {
         upscaler.precision: dense_conv_gflops(args.device, DTYPES[upscaler.precision]),
         "fp32": dense_conv_gflops(args.device, torch.float32),
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="pan-gpu-bench-") as tmp:
         source = Path(tmp) / "in"
-        make_copies(files, copies, source)
+        make_copies(files, runs_copies, source)
+        print(f"pipeline workload: {runs_copies} x {len(files)} images")
         for n, k in [(n, k) for k in actors for n in cpus]:
             run = pipeline_run(source, Path(tmp) / f"out{n}-{k}", args.scale, weights, n, k, args.device)
             runs.append(run)
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU cores per GPU that keep up (within 5% of the best rate, {best['actors']} actor(s)): {enough}")
     record = {
         "card": card, "scale": args.scale, "precision": upscaler.precision, "copies": copies,
-        "engine": engine, "dense_gflops": dense, "pipeline": runs, "cores_per_gpu": enough,
+        "pipeline_copies": runs_copies, "engine": engine, "dense_gflops": dense, "pipeline": runs,
+        "cores_per_gpu": enough,
     }  # fmt: skip
     if args.json:  # written before the variants too: compiling can outlast a lent device's time
         args.json.write_text(json.dumps(record, indent=2))
