@@ -141,6 +141,10 @@ class CpuMeter:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def by_process(self) -> dict[int, float]:
+        """CPU seconds each process used since ``start()``, as last sampled (by pid)."""
+        return {pid: self._last[pid] - self._first[pid] for pid in self._last}
+
     def stop(self) -> CpuUse | None:
         if self._thread is None or self._machine is None:
             return None
