@@ -18,6 +18,9 @@ Layout under DEST (this module owns it, names included):
 - ``_pan.json``: the destination record: it says the destination is ours and which scale and
   weights made its outputs (``DestinationRecord``);
 - ``_lease``: held by the run working on the destination (``pipeline.lease``).
+- ``_staging/``: the temporaries of PNG writes in progress (local destinations): a writer killed
+  mid-write leaves its temporary there, not in the PNG tree; every run clears it as it starts and
+  as it finishes.
 Every file appears under its final name only when complete (see ``pipeline.storage``).
 
 A destination is claimed before any work (``claim_dest``): a new or empty one gets a record; one
@@ -52,6 +55,7 @@ RUNS_DIR = "_runs"  # pipeline.ledger
 SUMMARY_NAME = "_summary.json"
 RECORD_NAME = "_pan.json"
 LEASE_NAME = "_lease"  # pipeline.lease: one run at a time
+STAGING_DIR = "_staging"
 log = logging.getLogger(__name__)
 
 PARQUET_SCHEMA = pa.schema(
@@ -248,7 +252,9 @@ def claim_dest(
 
 def finish_dest(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
     """After a run that went through every input: an --overwrite that was replacing other
-    settings' outputs is complete."""
+    settings' outputs is complete, and the temporaries of writers killed mid-run are cleared."""
+    if not is_url(dest):
+        remove(join(dest, STAGING_DIR), storage_options)
     if record.replacing:
         write_record(dest, dataclasses.replace(record, replacing=None), storage_options)
 
@@ -262,10 +268,13 @@ def prepare_dest(
     storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Clear what a new run replaces: the Parquet parts with ``overwrite`` (every input is redone);
-    after a run that did not finish (``after_crash``), the hidden temporaries its killed writes left
-    in a local destination (object stores have none), which costs one listing of the destination."""
+    in a local destination (object stores have no temporaries), the staging folder of PNG writes;
+    after a run that did not finish (``after_crash``), the hidden temporaries its other killed
+    writes left (the ledger's, the Parquet parts'), which costs one listing of the destination."""
     if overwrite and "parquet" in sinks:
         remove(join(dest, PARQUET_DIR), storage_options)
+    if not is_url(dest):
+        remove(join(dest, STAGING_DIR), storage_options)
     if after_crash and not is_url(dest):
         for rel in list_files(dest, storage_options):
             if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):
@@ -273,7 +282,8 @@ def prepare_dest(
 
 
 def write_png(dest: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    write_bytes(join(dest, name), data, storage_options)
+    """One file of the PNG tree, its temporary kept out of the tree (``STAGING_DIR``)."""
+    write_bytes(join(dest, name), data, storage_options, staging=join(dest, STAGING_DIR))
 
 
 def part_name(run_id: str, commit: int) -> str:

@@ -123,8 +123,16 @@ def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> 
         return fs.cat_file(path)
 
 
-def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` to ``location``, creating parent folders; atomic as described above."""
+def write_bytes(
+    location: str, data: bytes, storage_options: dict[str, Any] | None = None, *, staging: str | None = None
+) -> None:
+    """Write ``data`` to ``location``, creating parent folders; atomic as described above.
+
+    ``staging``: a local folder (on the target's filesystem) to hold the temporary instead of the
+    target's own folder, so that a writer killed mid-write (its node lost) leaves its temporary
+    there, for its owner to clear, not beside the finished files. Where the rename from it cannot
+    work (the folder is on another filesystem), the temporary goes to the target's folder after all.
+    Object stores need no temporary and ignore it."""
     with reported(location, "write"):
         if is_url(location):
             fs, path = filesystem(location, storage_options)
@@ -135,11 +143,25 @@ def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | No
         target = Path(location.removeprefix("file://")).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
         # A unique hidden name (not mkstemp, whose 0600 mode would ignore the user's umask).
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        name = f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        folder = target.parent
+        if staging is not None and not is_url(staging):
+            folder = Path(staging.removeprefix("file://")).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / name
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or folder == target.parent:
+                    raise
+                tmp.unlink()
+                tmp = target.with_name(name)
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
