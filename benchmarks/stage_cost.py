@@ -23,7 +23,7 @@ real one, so Ray Data's per-batch costs weigh in it as they would at the GPU's r
 Usage::
 
     .venv/bin/python benchmarks/stage_cost.py [--scale 4] [--copies 40] [--cpus N] [--gpus 1]
-        [--engine-mp-s 78.2] [--json F]
+        [--engine-mp-s 78.2] [--job '{"images_per_batch": 16}'] [--json F]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -91,21 +92,42 @@ def save_outputs(files: list[Path], scale: int, weights: Path, into: Path) -> st
     return upscaler.precision
 
 
-def _by_kind(cpu: dict[int, float]) -> dict[str, float]:
-    """CPU seconds by kind of process: Ray's workers by what they ran last (their title), Ray's
-    own processes and the driver by name."""
-    kinds: Counter = Counter()
-    for pid, seconds in cpu.items():
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            title = "(exited)"
-        if pid == os.getpid():
-            title = "driver"
-        elif not title.startswith("ray::"):
-            title = Path(title.split()[0]).name if title.split() else title
-        kinds[title.split(".")[0] if title.startswith("ray::") else title] += seconds
-    return dict(kinds.most_common())
+class Titles:
+    """What each process was seen doing (its title, sampled every 0.2 s while the run lasts): a
+    Ray worker's title names the task or actor it runs (``ray::MapWorker(...)``), or ``IDLE``."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+                except OSError:
+                    continue  # gone meanwhile
+                name = title.split(".")[0] if title.startswith("ray::") else Path(title.split(" ")[0]).name
+                if name and name != "ray::IDLE":
+                    self.seen.setdefault(int(cmdline.parent.name), set()).add(name)
+
+    def __enter__(self) -> Titles:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_kind(self, cpu: dict[int, float]) -> dict[str, float]:
+        """CPU seconds by what the processes did (a worker that ran several things: all of them)."""
+        kinds: Counter = Counter()
+        for pid, seconds in cpu.items():
+            seen = self.seen.get(pid, {"(not seen at work)"})
+            names = sorted(n for n in seen if n.startswith("ray::")) or sorted(seen)  # not "python"
+            kinds["driver" if pid == os.getpid() else " / ".join(names)] += seconds
+        return dict(kinds.most_common())
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -138,6 +160,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             scale=args.scale,
             weights=str(weights),
             device="cpu",
+            **args.job,
         )
         progress: list[tuple[float, int]] = []
         whole, steady = CpuMeter(), CpuMeter()
@@ -148,12 +171,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     steady.start()
                 progress.append((time.perf_counter() - start, counts["succeeded"] + counts["failed"]))
 
-        whole.start()
-        start = time.perf_counter()
-        summary = run_upscale(job, on_progress=on_progress)
-        wall = time.perf_counter() - start
-        cpu_whole, cpu_steady = whole.stop(), steady.stop()
-        where = _by_kind(steady.by_process())
+        with Titles() as titles:
+            whole.start()
+            start = time.perf_counter()
+            summary = run_upscale(job, on_progress=on_progress)
+            wall = time.perf_counter() - start
+            cpu_whole, cpu_steady = whole.stop(), steady.stop()
+        where = titles.by_kind(steady.by_process())
     finally:
         ray.shutdown()
     images, megapixels = summary["succeeded"], summary["output_megapixels"]
@@ -173,6 +197,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "output_mp_per_second": megapixels / wall,
         "steady_mp_per_second": steady_mp / steady_seconds,
         "engine_mp_per_second": args.engine_mp_s,
+        "job_options": args.job,
         "steady_cpu_ms_per_image_by_process": {
             kind: seconds / (images - first_images) * 1e3 for kind, seconds in where.items()
         },
@@ -201,6 +226,13 @@ def main() -> int:
     parser.add_argument("--engine-mp-s", type=float, default=H100_X4_MP_S, help="a GPU engine's output MP/s")
     parser.add_argument("--weights", type=Path, default=None, help="default: shared/weights/PANx{s}_DF2K.pth")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--job",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="UpscaleJob settings, e.g. '{\"images_per_batch\": 16}'",
+    )
     args = parser.parse_args()
     weights = args.weights or SHARED / "weights" / f"PANx{args.scale}_DF2K.pth"
     if not weights.is_file() or not workload_files(args.scale):
@@ -211,7 +243,8 @@ def main() -> int:
         figures = run(args, Path(tmp))
     print(
         f"x{figures['scale']}, {figures['images']} images ({figures['output_megapixels']:.1f} output MP), "
-        f"{figures['cpus']} CPUs, {figures['logical_gpus']} logical GPU(s), the model replayed: "
+        f"{figures['cpus']} CPUs, {figures['logical_gpus']} logical GPU(s), "
+        f"job options {figures['job_options']}, the model replayed: "
         f"{figures['output_mp_per_second']:.2f} output MP/s over {figures['wall_seconds']:.1f} s, "
         f"{figures['steady_mp_per_second']:.2f} from the first batch on "
         f"(after {figures['first_batch_seconds']:.1f} s)"
