@@ -253,8 +253,7 @@ def claim_dest(
 def finish_dest(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
     """After a run that went through every input: an --overwrite that was replacing other
     settings' outputs is complete, and the temporaries of writers killed mid-run are cleared."""
-    if not is_url(dest):
-        remove(join(dest, STAGING_DIR), storage_options)
+    _clear_staging(dest, storage_options)
     if record.replacing:
         write_record(dest, dataclasses.replace(record, replacing=None), storage_options)
 
@@ -273,12 +272,18 @@ def prepare_dest(
     writes left (the ledger's, the Parquet parts'), which costs one listing of the destination."""
     if overwrite and "parquet" in sinks:
         remove(join(dest, PARQUET_DIR), storage_options)
-    if not is_url(dest):
-        remove(join(dest, STAGING_DIR), storage_options)
+    _clear_staging(dest, storage_options)
     if after_crash and not is_url(dest):
         for rel in list_files(dest, storage_options):
             if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):
                 remove(join(dest, rel), storage_options)
+
+
+def _clear_staging(dest: str, storage_options: dict[str, Any] | None) -> None:
+    """Remove ``STAGING_DIR``: what is left there belongs to writers that died (one run at a time
+    holds the destination). Object stores have no temporaries, hence no such folder."""
+    if not is_url(dest):
+        remove(join(dest, STAGING_DIR), storage_options)
 
 
 def write_png(dest: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
