@@ -84,13 +84,20 @@ EQUAL_QUALITY = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 AUTO_MIN_SPEEDUP = 1.25
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or newer, as torch's own compiler
+    asks). Without them bf16 runs on reference code: 9.4x slower than fp32 on a 2-core AVX2 EPYC,
+    where timing it cost ``auto`` 6.7 s per engine (benchmarks/README.md). True when this torch
+    cannot say: timing then decides."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
 def auto_candidates(device: torch.device) -> list[str]:
-    """The device's ``EQUAL_QUALITY`` precisions that it can run (fp32 first)."""
-    return [
-        p
-        for p in EQUAL_QUALITY[device.type]
-        if p != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported()
-    ]
+    """The device's ``EQUAL_QUALITY`` precisions that it can run at speed (fp32 first)."""
+    if device.type == "cuda":
+        return [p for p in EQUAL_QUALITY["cuda"] if p != "bf16" or torch.cuda.is_bf16_supported()]
+    return [p for p in EQUAL_QUALITY[device.type] if p != "bf16" or cpu_has_bf16_kernels()]
 
 
 def fastest_precision(
@@ -99,7 +106,8 @@ def fastest_precision(
     """Of ``models`` (precision -> PAN prepared in it on ``device``, fp32 among them), the
     precision whose residual (the part that runs in it) is fastest, timed on a ``side`` x ``side``
     window (best of ``rounds`` after a warm-up); fp32 when it is the only one, and unless a reduced
-    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast. ``side`` defaults to 96 on the CPU
+    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast. A precision slower than fp32's best
+    in a round is not timed again: it cannot win. ``side`` defaults to 96 on the CPU
     and 512 on a GPU, where a small window times the ops' dispatch, the same in every precision
     (on an H100, auto chose fp32 so in the pipeline's actors, where fp16 ran 1.35x as fast)."""
     if len(models) == 1:
@@ -120,6 +128,8 @@ def fastest_precision(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best = min(best, time.perf_counter() - start)
+                if best > times.get("fp32", math.inf):
+                    break
         times[precision] = best
     fastest = min(times, key=times.get)
     chosen = fastest if times["fp32"] >= AUTO_MIN_SPEEDUP * times[fastest] else "fp32"
