@@ -86,19 +86,35 @@ def decoded(files: list[Path]) -> list[Any]:
     return [decode_image(f.read_bytes(), name=f.name).pixels for f in files]
 
 
-def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str, float]:
-    """One synchronized warm pass: output MP/s and fp32-equivalent GFLOP/s (the MACs counted in an
-    eager pass: a CUDA graph's replay runs no hooks; an H100 run counted 16x too few so)."""
+def groups_of(pixels: list[Any], per_call: int) -> list[list[Any]]:
+    """The workload as the model actor gets it: ``per_call`` images per ``upscale_many`` call."""
+    return [pixels[i : i + per_call] for i in range(0, len(pixels), per_call)]
+
+
+def eager_macs(spec: Any, scale: int, pixels: list[Any], per_call: int) -> int:
+    """The convolutions' MACs of one pass over ``pixels`` with ``spec`` (an explicit precision), counted
+    by hooks on an eager twin of the engine: a CUDA graph's replay runs no hooks (an H100 run counted
+    16x too few so), and compiled code calls none. The twin plans the same windows as long as its
+    memory budget does not tile an image the engine runs whole (Set14 and Set5 are far below it)."""
+    from pipeline.engine import build_upscaler
+
+    twin = build_upscaler(spec.model_copy(update={"cuda_graphs": False, "compile": False}), scale)
+    with ConvMacs(twin.model) as counter:
+        for group in groups_of(pixels, per_call):
+            twin.upscale_many(group)
+    return counter.macs
+
+
+def engine_figures(upscaler: Any, pixels: list[Any], per_call: int, macs: int) -> dict[str, float]:
+    """One synchronized pass after warm-up: output MP/s and fp32-equivalent GFLOP/s (``macs``: the
+    pass's convolution MACs, from ``eager_macs``)."""
     import torch
 
     sync = torch.cuda.synchronize if upscaler.device.type == "cuda" else (lambda: None)
-    groups = [pixels[i : i + per_call] for i in range(0, len(pixels), per_call)]
-    graphs, upscaler._graphs = upscaler._graphs, None  # hooks see no graph's replay: count eagerly
-    with ConvMacs(upscaler._model) as counter:  # the engine's prepared PAN: convolutions it runs
-        for group in groups:
-            upscaler.upscale_many(group)  # warm-up: cuDNN plans, allocator
-    upscaler._graphs = graphs
-    if graphs is not None:  # a pass with CUDA graphs (the default on a GPU): recurring shapes recorded
+    groups = groups_of(pixels, per_call)
+    # Warm-up: cuDNN plans, the allocator; on a GPU a second pass, since a CUDA graph is recorded
+    # at its shape's second batch (``engine._CudaGraphs``).
+    for _ in range(2 if upscaler.device.type == "cuda" else 1):
         for group in groups:
             upscaler.upscale_many(group)
     sync()
@@ -110,7 +126,8 @@ def engine_figures(upscaler: Any, pixels: list[Any], per_call: int) -> dict[str,
         "seconds": seconds,
         "output_megapixels": megapixels / 1e6,
         "mp_per_second": megapixels / 1e6 / seconds,
-        "gflops_fp32_equivalent": 2 * counter.macs / seconds / 1e9,
+        "gflops_fp32_equivalent": 2 * macs / seconds / 1e9,
+        "cuda_graphs": upscaler.graphed_shapes,
     }
 
 
@@ -120,15 +137,14 @@ def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, cho
     from pipeline.engine import auto_candidates, build_upscaler, resolve_device
 
     variants = [(p, "default", {}) for p in auto_candidates(resolve_device(spec.device))]
-    variants += [(chosen, "no CUDA graphs", {}), (chosen, "compiled", {"compile": True})]
+    variants += [(chosen, "no CUDA graphs", {"cuda_graphs": False}), (chosen, "compiled", {"compile": True})]
     rows = []
     for precision, label, settings in variants:
+        variant = spec.model_copy(update={"precision": precision, **settings})
         start = time.perf_counter()
         try:
-            upscaler = build_upscaler(spec.model_copy(update={"precision": precision, **settings}), scale)
-            if label == "no CUDA graphs":
-                upscaler._graphs = None
-            figures = engine_figures(upscaler, pixels, per_call)
+            upscaler = build_upscaler(variant, scale)
+            figures = engine_figures(upscaler, pixels, per_call, eager_macs(variant, scale, pixels, per_call))
         except Exception as exc:  # a precision the card lacks, or compile without a compiler
             print(f"  {precision} {label}: failed: {exc!r}")
             continue
@@ -228,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     per_call = UpscaleJob.model_fields["images_per_batch"].default
     print(f"{card}: torch {torch.__version__}, PAN x{args.scale}, precision auto -> {upscaler.precision}")
     pixels = decoded(files)
-    one = engine_figures(upscaler, pixels, per_call)
+    macs = eager_macs(spec.model_copy(update={"precision": upscaler.precision}), args.scale, pixels, per_call)
+    one = engine_figures(upscaler, pixels, per_call, macs)
     copies = max(1, math.ceil(args.seconds / one["seconds"]))
-    engine = engine_figures(upscaler, pixels * copies, per_call)
+    engine = engine_figures(upscaler, pixels * copies, per_call, macs * copies)  # MACs are per image
     # The pipelines' workload, sized from the long pass's rate: on the H100 the 19-image pass ran
     # at about 10 MP/s, 22 copies at 78, and ``--seconds 8`` gave the pipelines 5 s of engine work.
     runs_copies = max(copies, math.ceil(args.seconds * engine["mp_per_second"] / one["output_megapixels"]))
@@ -238,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         upscaler.precision: dense_conv_gflops(args.device, DTYPES[upscaler.precision]),
         "fp32": dense_conv_gflops(args.device, torch.float32),
     }
-    engine["cuda_graphs"] = len(upscaler._graphs) if upscaler._graphs is not None else 0
     print(
         f"engine: {engine['mp_per_second']:.2f} output MP/s over {copies} x {len(files)} images "
         f"({engine['cuda_graphs']} CUDA graphs), "

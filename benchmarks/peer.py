@@ -285,8 +285,7 @@ def model_macs(model: nn.Module, workload: Workload) -> int:
 
 def engine_macs(upscaler: Upscaler, workload: Workload) -> int:
     """Conv MACs our engine executes on the workload (tiles and their context included)."""
-    # ``_model`` is the engine's private prepared copy of PAN (fp32, no compile by default).
-    with ConvMacs(upscaler._model) as counter:
+    with ConvMacs(upscaler.model) as counter:  # the engine's own prepared copy of PAN
         for image in workload.images:
             upscaler.upscale(np.asarray(image))
     return counter.macs

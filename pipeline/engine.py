@@ -201,6 +201,8 @@ class Upscaler:
     the default ``memory_budget``.
     ``compile``: ``torch.compile`` the model, one graph per window shape for the first
     ``MAX_COMPILED_SHAPES`` shapes (later shapes run eagerly); if compiling fails, eager throughout.
+    ``cuda_graphs``: on a GPU without ``compile``, replay batch shapes that recur from CUDA graphs
+    (``_CudaGraphs``); off, every pass runs eagerly.
 
     One call computes at a time: calls from several threads (a Ray actor taking two batches at
     once) wait their turn, since recording a CUDA graph must not meet another thread's kernels.
@@ -218,6 +220,7 @@ class Upscaler:
         memory_budget: int | None = None,
         memory_share: float = 1.0,
         compile: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         if precision not in (*PRECISIONS, AUTO):
             raise ValueError(f"precision must be one of {PRECISIONS} or {AUTO}, got {precision!r}")
@@ -251,13 +254,23 @@ class Upscaler:
         self._model = prepared[precision]
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
-        graphs = self.device.type == "cuda" and not compile  # compiled code is not captured
+        graphs = self.device.type == "cuda" and cuda_graphs and not compile  # compiled code is not captured
         self._graphs = _CudaGraphs(self._compute, self.device, MAX_GRAPHED_SHAPES) if graphs else None
         self._lock = threading.Lock()  # one call at a time (the class's docstring)
 
     def _prepare(self, model: PAN, dtype: torch.dtype) -> PAN:
         prepared = copy.deepcopy(model).eval().requires_grad_(False)
         return prepared.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+
+    @property
+    def model(self) -> PAN:
+        """The PAN this engine runs: its own copy, on its device, in its precision, channels_last."""
+        return self._model
+
+    @property
+    def graphed_shapes(self) -> int:
+        """How many batch shapes this engine replays from CUDA graphs (0 on a CPU)."""
+        return 0 if self._graphs is None else len(self._graphs)
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -564,6 +577,7 @@ def build_upscaler(
         batch_size=spec.batch_size,
         memory_share=memory_share,
         compile=spec.compile,
+        cuda_graphs=spec.cuda_graphs,
     )
 
 

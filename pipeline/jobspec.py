@@ -178,6 +178,11 @@ class InferenceSpec(BaseModel):
     compile: bool = Field(
         False, description="torch.compile the model, once per window shape (a bounded cache; eager beyond it)"
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a GPU, replay recurring batch shapes from CUDA graphs (each keeps its activations' "
+        "memory); off: every pass eager",
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod

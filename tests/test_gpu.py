@@ -71,14 +71,14 @@ def test_recurring_shapes_replay_cuda_graphs_with_the_eager_output(weights_dir, 
     images = [im for image in originals for im in (image, np.ascontiguousarray(image[::-1]))]
     weights = str(weights_dir / "PANx4_DF2K.pth")
     spec = InferenceSpec(weights=weights, device="cuda", precision="fp16", batch_size=1)
-    eager = build_upscaler(spec, 4)
-    eager._graphs = None
+    eager = build_upscaler(spec.model_copy(update={"cuda_graphs": False}), 4)
     expected = eager.upscale_many(images)
+    assert eager.graphed_shapes == 0  # --no-cuda-graphs
     graphed = build_upscaler(spec, 4)
     for _ in range(2):  # the first pass records each shape at its second image, later ones replay
         for got, want in zip(graphed.upscale_many(images), expected, strict=True):
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    assert len(graphed._graphs) == min(len(files), MAX_GRAPHED_SHAPES)
+    assert graphed.graphed_shapes == min(len(files), MAX_GRAPHED_SHAPES)
 
 
 def test_pan_upscale_on_a_gpu_actor(benchmarks_dir, weights_dir, tmp_path):
