@@ -373,7 +373,7 @@ def run_training(job: TrainJob):
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    connect(job.address)
+    connect(job.address, ray_train=True)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
     filesystem, storage_path = pyarrow_filesystem(job.storage, job.storage_options)

@@ -1,5 +1,8 @@
-"""Pieces of pipeline.raycluster that need no Ray running."""
+"""pipeline.raycluster: the pieces that need no Ray, then with a local Ray, then an embedded one."""
 
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -175,3 +178,31 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
         assert [kw["device"] for kw in built] == ["cpu", "cpu"]
     finally:
         torch.set_num_threads(before)
+
+
+_FIRST_TASK = """
+import os, time, psutil, ray
+from pipeline.raycluster import connect, shutdown_on_exit
+
+with shutdown_on_exit():
+    connect(None)
+    raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(c.name() == "ray::IDLE" for c in raylet.children()):
+        time.sleep(0.1)
+    started_ahead = {c.pid for c in raylet.children() if c.name() == "ray::IDLE"}
+    pid = ray.get(ray.remote(num_cpus=1)(lambda: os.getpid()).remote())
+    print("started ahead" if pid in started_ahead else f"a new worker {pid}, not one of {started_ahead}")
+"""
+
+
+@pytest.mark.integration
+def test_an_embedded_rays_first_task_runs_on_a_worker_ray_started_ahead():
+    """Workers Ray starts with the cluster serve only jobs without a runtime environment: with one
+    (as training needs, ``connect(ray_train=True)``), each first task waits for a new worker."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "-c", _FIRST_TASK], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "started ahead", run.stdout
