@@ -486,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime-env",
         choices=RUNTIME_ENVS,
         default="installed",
-        help="installed: the package in the cluster's image (default); working-dir: ship this checkout "
-        "with requirements.lock",
+        help="installed: the package in the cluster's image (default); working-dir: ship this checkout's "
+        "pipeline/ package with requirements.lock",
     )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--wait", action="store_true", help="wait for the end; exit code 0 only if it succeeded")

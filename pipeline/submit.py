@@ -8,7 +8,8 @@ was checked. Local paths must therefore be ones the cluster's nodes share; URLs 
 Its code comes from one of two places (``--runtime-env``):
 - ``installed`` (default): the package installed in the cluster's image (``cluster/Dockerfile``);
   only the spec file travels, as the job's working directory.
-- ``working-dir``: a copy of this checkout travels with it, with the pinned versions of
+- ``working-dir``: this checkout's package (``pipeline/``, nothing else of the checkout: not its
+  outputs, runs, data or virtualenvs) travels with it, with the pinned versions of
   ``requirements.lock`` installed by Ray in a virtualenv; the entrypoint is ``python -m pipeline``.
 
 The driver asks for one CPU and no GPU (``entrypoint_num_cpus``/``entrypoint_num_gpus``): GPUs
@@ -50,7 +51,6 @@ from pipeline.jobspec import Spec
 RUNTIME_ENVS = ("installed", "working-dir")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when pan runs from one
 LOCK_FILE = "requirements.lock"
-WORKING_DIR_EXCLUDES = (".venv", ".git", "__pycache__", "runs", "*.egg-info", ".pytest_cache", ".ruff_cache")
 POLL_S = 2.0
 LOG_TAIL_LINES = 40
 _ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -131,7 +131,9 @@ def staged_job(spec: Spec, mode: str, staging: Path) -> tuple[str, dict[str, Any
 
     What travels is the validated spec, resolved (``--set`` applied, local paths absolute as they
     were here), so the cluster runs exactly the settings that were checked. ``working-dir`` adds a
-    copy of this checkout (without .venv, .git, caches) and the pins of ``requirements.lock``."""
+    copy of this checkout's ``pipeline/`` package, all the job runs, and the pins of
+    ``requirements.lock``. (Until 2026-11-27 it copied the whole checkout but .venv and caches, and
+    so shipped the README's ``out/``, benchmark virtualenvs, whatever a user kept there.)"""
     if mode not in RUNTIME_ENVS:
         raise SettingsError(f"--runtime-env must be one of {', '.join(RUNTIME_ENVS)}, not {mode!r}")
     env: dict[str, Any] = {"working_dir": str(staging)}
@@ -143,7 +145,7 @@ def staged_job(spec: Spec, mode: str, staging: Path) -> tuple[str, dict[str, Any
                 f"--runtime-env working-dir ships a checkout with {LOCK_FILE}: none at {PROJECT_ROOT}"
             )
         shutil.copytree(
-            PROJECT_ROOT, staging, ignore=shutil.ignore_patterns(*WORKING_DIR_EXCLUDES), dirs_exist_ok=True
+            PROJECT_ROOT / "pipeline", staging / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
         )
         env["pip"] = [
             line.strip() for line in lock.read_text().splitlines() if line.strip()[:1] not in ("", "#")

@@ -248,7 +248,9 @@ def test_the_shipped_job_is_the_validated_spec(tmp_path):
     staging.mkdir()
     command, env = staged_job(spec, "working-dir", staging)
     assert command == "python -m pipeline run nightly-upscale.yaml"
-    assert (staging / "pipeline/cli.py").is_file() and not (staging / ".venv").exists()
+    # the package and the spec: not the checkout's outputs, runs, data or virtualenvs
+    assert sorted(p.name for p in staging.iterdir()) == ["nightly-upscale.yaml", "pipeline"]
+    assert (staging / "pipeline/cli.py").is_file() and not list(staging.rglob("__pycache__"))
     pins = (PROJECT_ROOT / LOCK_FILE).read_text()
     assert env["pip"] and all(line in pins for line in env["pip"])
     assert any(line.startswith("ray==") for line in env["pip"])
