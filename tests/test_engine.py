@@ -51,12 +51,15 @@ def test_plan_covers_every_pixel_once():
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_tiled_equals_whole_image_on_set14(official, set14_lr, scale):
     """Every Set14 image, with the smallest useful tile (the most seams), a middle one, and one that
-    cuts most images once with a remainder tile (2-core AVX2 VM: 3 min with 5 tile sizes)."""
+    cuts the larger images once with a remainder tile; a tile the image fits in would run it whole
+    again, so is left out (2-core AVX2 VM: 3 min with 5 tile sizes)."""
     whole = Upscaler(official[scale], device="cpu", tile=0)
     tiled = {t: Upscaler(official[scale], device="cpu", tile=t) for t in (48, 96, 256)}
     for lr in set14_lr[scale]:
         reference = whole.upscale(lr).astype(int)
         for tile, upscaler in tiled.items():
+            if tile >= max(lr.shape[:2]):
+                continue
             diff = np.abs(upscaler.upscale(lr).astype(int) - reference).max()
             assert diff <= 1, f"tile {tile}: {diff} levels off"
 
