@@ -151,11 +151,11 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
     if not address:  # its workers inherit this process's environment (AWS_* included)
         _start_watchdog()
         embedded["include_dashboard"] = False
-    if not address and ray_train:
-        embedded["runtime_env"] = {
-            "worker_process_setup_hook": "pipeline.raycluster.setup_worker",
-            "env_vars": {QUIET_WORKERS: "0" if shown else "1"},
-        }
+        if ray_train:
+            embedded["runtime_env"] = {
+                "worker_process_setup_hook": "pipeline.raycluster.setup_worker",
+                "env_vars": {QUIET_WORKERS: "0" if shown else "1"},
+            }
     ray.init(address=address, logging_level=logging.INFO if shown else logging.WARNING, **embedded)
     _terminate_on_sigterm()  # Ray's C++ core installs its own SIGTERM handler (a stack dump)
 
