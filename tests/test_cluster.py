@@ -8,6 +8,9 @@
 - Consistency: one image everywhere, the Ray version of the image, the lock and this venv, secrets only
   through Secret references, GPUs only on workers, entrypoints that name valid job specs, the nightly
   RayCronJob's schedule equal to its spec's.
+- What an SRE ships: every pod pulls with ``imagePullPolicy: Always`` and names the registry pull secret,
+  Ray's object store fits the pod's ``/dev/shm`` and that fits the memory limit, every entrypoint runs
+  ``python -m pipeline`` and the nightly RayCronJob sets its own buckets.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,7 +59,14 @@ SECRET_ENV = re.compile(
 )
 # KubeRay 1.7's name limits (utils/constant.go): each object's derived names must stay valid.
 MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 36}
-PAN_COMMAND = re.compile(r"\bpan (?:run|submit) ([\w./-]+\.ya?ml)\b")
+PAN_COMMAND = re.compile(r"\b(?:pan|python -m pipeline) (?:run|submit) ([\w./-]+\.ya?ml)\b")
+# How every entrypoint starts: the module, not the `pan` script, which a venv's `ray start` leaves off PATH.
+PYTHON_M_PIPELINE = ["python", "-m", "pipeline"]
+# The docker-registry Secret every pod pulls the image with.
+PULL_SECRET = "pan-registry"
+# Ray's object store, unless rayStartParams give object-store-memory: this share of the memory it sees.
+RAY_OBJECT_STORE_FRACTION = 0.3
+GiB = 1024**3
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -129,10 +141,63 @@ def _to_repo_path(spec: str) -> Path:
     return REPO / spec
 
 
+def _entrypoint(entrypoint: str) -> tuple[Path, dict[str, str]]:
+    """(job spec in the repo, --set KEY=VALUE settings) of `python -m pipeline run SPEC [--set K=V ...]`."""
+    argv = shlex.split(entrypoint)
+    assert argv[:4] == [*PYTHON_M_PIPELINE, "run"] and len(argv) >= 5, (
+        f"entrypoint {entrypoint!r} is not `python -m pipeline run <job spec> [--set KEY=VALUE ...]`"
+    )
+    spec, rest = argv[4], argv[5:]
+    assert re.fullmatch(r"\S+\.ya?ml", spec), f"{spec}: not a job spec"
+    assert len(rest) % 2 == 0 and all(flag == "--set" for flag in rest[::2]), f"{entrypoint!r}: only --set"
+    settings = dict(s.split("=", 1) for s in rest[1::2])
+    assert len(settings) == len(rest) // 2, f"{entrypoint!r}: a setting given twice"
+    return _to_repo_path(spec), settings
+
+
 def _entrypoint_spec(entrypoint: str) -> Path:
-    match = re.fullmatch(r"pan run (\S+\.ya?ml)", entrypoint.strip())
-    assert match, f"entrypoint {entrypoint!r} is not `pan run <job spec>`"
-    return _to_repo_path(match[1])
+    return _entrypoint(entrypoint)[0]
+
+
+def _ray_node_groups() -> Iterator[tuple[str, str, dict, dict]]:
+    """(where, "head" | "worker", rayStartParams, pod template) for every node group of every cluster."""
+    for where, spec in _cluster_specs():
+        head = spec["headGroupSpec"]
+        yield f"{where} head", "head", head["rayStartParams"], head["template"]
+        for group in spec.get("workerGroupSpecs", []):
+            yield (
+                f"{where} {group['groupName']}",
+                "worker",
+                group.get("rayStartParams", {}),
+                group["template"],
+            )
+
+
+def _pod_templates() -> list[tuple[str, dict]]:
+    """(where, pod template) for every pod the manifests describe: Ray nodes and RayJob submitters."""
+    pods = [(where, template) for where, _, _, template in _ray_node_groups()]
+    pods += [
+        (f"{w} submitter", j["submitterPodTemplate"]) for w, j in _job_specs() if "submitterPodTemplate" in j
+    ]
+    return pods
+
+
+def _launcher_commands() -> list[str]:
+    config = _launcher()
+    keys = [k for k in config if k.endswith("_commands")]
+    assert "setup_commands" in keys and "head_start_ray_commands" in keys, keys
+    return [cmd for key in keys for cmd in config[key]]
+
+
+_QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_QUANTITY_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (16Gi, 512Mi, 4G, 4294967296) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
+    assert match, f"{quantity}: not a memory quantity this test reads"
+    return int(float(match[1]) * _QUANTITY_UNITS[match[2] or ""])
 
 
 def _documented_specs() -> list[str]:
@@ -270,8 +335,6 @@ def test_strict_kubernetes_validation_rejects_an_unknown_field():
 
 
 def test_launcher_config_matches_rays_schema():
-    import json
-
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = _launcher()
@@ -311,6 +374,10 @@ def test_launcher_holds_no_secrets():
     assert not re.search(
         r"(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN)\s*=", text
     )
+    # A registry login (initialization_commands, for a private image) reads its password from stdin.
+    for cmd in _launcher_commands():
+        if "docker login" in cmd:
+            assert "--password-stdin" in cmd and not re.search(r"\s(-p|--password)[\s=]", cmd), cmd
 
 
 def test_referenced_secrets_are_defined_with_their_keys():
@@ -421,12 +488,81 @@ def test_launcher_head_is_cpu_only_and_gpu_workers_autoscale():
         assert commands[0] == "ray stop"
 
 
+# ------------------------------------------------------------------------- object store and /dev/shm
+
+
+def _shm_problems(where: str, role: str, params: dict, template: dict) -> list[str]:
+    """What is wrong with a Ray node's object store, /dev/shm and memory limit, if anything."""
+    pod = template["spec"]
+    container = pod["containers"][0]  # KubeRay's Ray container is the first
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    mounts = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+    volumes = [v for v in pod.get("volumes", []) if v["name"] in mounts]
+    # Without a mount of its own KubeRay adds one as large as the whole memory limit.
+    if len(volumes) != 1:
+        return [f"{where}: no /dev/shm volume of its own"]
+    empty_dir = volumes[0].get("emptyDir", {})
+    if empty_dir.get("medium") != "Memory" or "sizeLimit" not in empty_dir:
+        return [f"{where}: /dev/shm is not a Memory emptyDir with a sizeLimit"]
+    shm = _bytes(empty_dir["sizeLimit"])
+    if "object-store-memory" in params:
+        store_text = params["object-store-memory"]
+        if not re.fullmatch(r"[1-9]\d*", store_text):
+            return [f"{where}: object-store-memory {store_text!r}: `ray start` takes a number of bytes"]
+        store = int(store_text)
+    else:
+        store = int(RAY_OBJECT_STORE_FRACTION * limit)
+    problems = []
+    if store > shm:
+        problems.append(
+            f"{where}: object store {store / GiB:.1f} GiB > /dev/shm {shm / GiB:.1f} GiB (Ray would fall back"
+            " to disk)"
+        )
+    # /dev/shm is RAM charged to the container: what it may hold is not there for the processes.
+    if limit - shm < limit / 2:
+        problems.append(
+            f"{where}: /dev/shm {shm / GiB:.1f} GiB leaves under half of the {limit / GiB:.0f} GiB limit"
+        )
+    # Beside the object store, torch DataLoader workers pass batches through /dev/shm.
+    if role == "worker" and shm - store < 1 * GiB:
+        problems.append(f"{where}: /dev/shm has under 1 GiB beside the object store for DataLoader workers")
+    return problems
+
+
+@pytest.mark.parametrize("group", list(_ray_node_groups()), ids=[g[0] for g in _ray_node_groups()])
+def test_object_store_fits_dev_shm_which_fits_the_memory_limit(group: tuple):
+    where, role, params, template = group
+    assert "object-store-memory" in params, f"{where}: the object store size is left to Ray's default"
+    assert _shm_problems(where, role, params, template) == []
+
+
+def test_shm_check_catches_what_ray_would_do_by_default():
+    spec = copy.deepcopy(_of_kind("RayCluster")[0]["spec"])
+    head, worker = spec["headGroupSpec"], spec["workerGroupSpecs"][0]
+    # 30% of a 16Gi head is 4.8 GiB: more than a 4Gi /dev/shm.
+    del head["rayStartParams"]["object-store-memory"]
+    for volume in head["template"]["spec"]["volumes"]:
+        volume["emptyDir"]["sizeLimit"] = "4Gi"
+    worker["rayStartParams"]["object-store-memory"] = "6Gi"
+    problems = _shm_problems("head", "head", head["rayStartParams"], head["template"])
+    problems += _shm_problems("gpu", "worker", worker["rayStartParams"], worker["template"])
+    assert len(problems) == 2, problems
+    assert "4.8 GiB > /dev/shm 4.0 GiB" in problems[0] and "takes a number of bytes" in problems[1]
+    worker["rayStartParams"]["object-store-memory"] = str(15 * GiB + GiB // 2)  # 0.5 GiB beside it
+    for volume in worker["template"]["spec"]["volumes"]:
+        volume["emptyDir"]["sizeLimit"] = "16Gi"  # and 10Gi of 26Gi left to the processes
+    problems = _shm_problems("gpu", "worker", worker["rayStartParams"], worker["template"])
+    assert len(problems) == 2 and "under half" in problems[0] and "DataLoader" in problems[1], problems
+
+
 # ---------------------------------------------------------------------------- image and pinned versions
 
 
 def _all_images() -> dict[str, str]:
     images = {
-        f"{where} {group}": c["image"] for where, spec in _cluster_specs() for group, c in _containers(spec)
+        f"{where} {c['name']}": c["image"]
+        for where, template in _pod_templates()
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", [])
     }
     images["cluster/aws.yaml docker.image"] = _launcher()["docker"]["image"]
     return images
@@ -437,8 +573,68 @@ def test_one_image_everywhere_tagged_with_the_project_version():
     assert len(set(images.values())) == 1, images
     image = next(iter(images.values()))
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert image.rsplit(":", 1)[1] == version, f"{image}: tag is not the project version {version}"
+    # NAME:TAG, or NAME:TAG@sha256:DIGEST to pin one build (the digest decides, the tag documents).
+    match = re.fullmatch(r"(?P<name>[^@]+):(?P<tag>[\w][\w.-]*)(?:@sha256:[0-9a-f]{64})?", image)
+    assert match and "/" in match["name"], f"{image}: not REGISTRY/NAME:TAG[@sha256:DIGEST]"
+    assert match["tag"] == version, f"{image}: tag is not the project version {version}"
     assert image == image.lower(), f"{image}: image references are lower case"
+
+
+def _pull_policies(doc: Any, where: str = "$") -> Iterator[tuple[str, Any]]:
+    """(path, value) of every imagePullPolicy anywhere in a document."""
+    if isinstance(doc, dict):
+        for key, sub in doc.items():
+            if key == "imagePullPolicy":
+                yield f"{where}.{key}", sub
+            yield from _pull_policies(sub, f"{where}.{key}")
+    elif isinstance(doc, list):
+        for i, sub in enumerate(doc):
+            yield from _pull_policies(sub, f"{where}[{i}]")
+
+
+def test_every_image_is_pulled_always():
+    # The tag (the project version) is pushed again for each build of that version: IfNotPresent would
+    # keep a node's old build. Always costs a registry round trip per pod start; layers stay cached.
+    policies = [(f"{i} {path}", value) for i, doc in RAY_OBJECTS for path, value in _pull_policies(doc)]
+    assert policies and all(value == "Always" for _, value in policies), policies
+    for where, template in _pod_templates():
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            assert c.get("imagePullPolicy") == "Always", f"{where} {c['name']}: pulls IfNotPresent by default"
+    for where, spec in _cluster_specs():
+        # KubeRay gives the autoscaler container the head's image, pulled IfNotPresent unless set here.
+        if spec.get("enableInTreeAutoscaling"):
+            assert spec["autoscalerOptions"].get("imagePullPolicy") == "Always", where
+    assert _launcher()["docker"]["pull_before_run"] is True, "aws.yaml: the launcher's Always"
+
+
+def test_job_submitters_pull_the_image_as_the_head_does():
+    for where, job in _job_specs():
+        if job.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+            continue
+        # KubeRay 1.7's default submitter pod runs the head's image with neither its pull secret nor its
+        # pull policy: the jobs bring their own pod template.
+        assert "submitterPodTemplate" in job, f"{where}: KubeRay's default submitter pod"
+        pod = job["submitterPodTemplate"]["spec"]
+        assert pod["restartPolicy"] == "Never", f"{where}: a Job's pods restart Never or OnFailure"
+        head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert pod["containers"][0]["image"] == head["image"], where
+        assert "command" not in pod["containers"][0], f"{where}: KubeRay writes the submit command"
+
+
+def test_every_pod_names_the_registry_pull_secret():
+    secrets = {d["metadata"]["name"]: d for _, d in CORE_OBJECTS if d["kind"] == "Secret"}
+    pull_secret = secrets.get(PULL_SECRET)
+    assert pull_secret, f"secrets.example.yaml defines no {PULL_SECRET}"
+    # The shape `kubectl create secret docker-registry` writes; the API server checks the JSON.
+    assert pull_secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert set(pull_secret["stringData"]) == {".dockerconfigjson"}
+    config = json.loads(pull_secret["stringData"][".dockerconfigjson"])
+    image = next(iter(_all_images().values()))
+    assert image.split("/", 1)[0] in config["auths"], f"{PULL_SECRET}: not for the image's registry"
+    pods = _pod_templates()
+    assert {w.rsplit(" ", 1)[1] for w, _ in pods} >= {"head", "gpu", "submitter"}
+    for where, template in pods:
+        assert template["spec"].get("imagePullSecrets") == [{"name": PULL_SECRET}], where
 
 
 def test_image_ray_version_equals_lock_and_installed_ray():
@@ -452,9 +648,15 @@ def test_image_ray_version_equals_lock_and_installed_ray():
         assert spec["rayVersion"] == ray.__version__, where
 
 
+def _dockerfile_instructions() -> list[str]:
+    """cluster/Dockerfile's instructions, continuation lines joined, comments left out."""
+    lines = [ln.strip() for ln in (CLUSTER / "Dockerfile").read_text().splitlines()]
+    joined = "\n".join(ln for ln in lines if ln and not ln.startswith("#"))
+    return [" ".join(i.split()) for i in re.sub(r"\\\n", " ", joined).splitlines()]
+
+
 def test_dockerfile_installs_the_lock_then_the_package_as_the_ray_user():
-    text = (CLUSTER / "Dockerfile").read_text()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = _dockerfile_instructions()
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] == "ray", users
     assert f"WORKDIR {REMOTE_REPO}" in lines
@@ -508,10 +710,51 @@ def test_cron_schedule_equals_the_job_specs_schedule():
         assert len(cron["spec"]["schedule"].split()) == 5, "standard five-field cron"
 
 
-def test_entrypoints_are_pan_run_of_a_job_spec_on_the_node():
+def test_entrypoints_run_python_m_pipeline_on_a_job_spec_on_the_node():
+    # `python -m pipeline run SPEC`, as `pan submit` generates it: a head whose Ray was started from a
+    # venv has no `pan` on PATH.
+    assert _job_specs()
     for where, job in _job_specs():
-        assert job["entrypoint"].startswith(f"pan run {REMOTE_REPO}/jobs/"), where
+        argv = shlex.split(job["entrypoint"])
+        assert argv[:4] == [*PYTHON_M_PIPELINE, "run"], where
+        assert argv[4].startswith(f"{REMOTE_REPO}/jobs/"), where
         assert _entrypoint_spec(job["entrypoint"]).is_file(), where
+    with pytest.raises(AssertionError, match="is not `python -m pipeline run"):
+        _entrypoint(f"pan run {REMOTE_REPO}/jobs/nightly-upscale.yaml")
+
+
+def test_launcher_and_image_run_the_package_as_a_module():
+    # Nothing on a launcher node runs the `pan` script; anything that runs the package uses the module.
+    for cmd in _launcher_commands():
+        assert not re.search(r"(?:^|[;&|(]\s*)pan\s", cmd), f"aws.yaml runs `pan`: {cmd!r}"
+        assert not re.search(r"(?<!python -m )\bpipeline (?:run|submit)\b", cmd), f"aws.yaml: {cmd!r}"
+    runs = [i for i in _dockerfile_instructions() if i.startswith("RUN ")]
+    assert any("python -m pipeline --help" in run for run in runs), runs
+
+
+def test_nightly_cron_sets_its_own_buckets():
+    # The spec in the image holds example buckets; the RayCronJob's entrypoint is where the real ones go.
+    crons = _of_kind("RayCronJob")
+    assert crons
+    for cron in crons:
+        spec_path, settings = _entrypoint(cron["spec"]["jobTemplate"]["entrypoint"])
+        spec = yaml.safe_load(spec_path.read_text()) or {}
+        for key in ("source", "dest"):
+            assert key in settings, f"{cron['metadata']['name']}: no --set {key}=..."
+            assert re.fullmatch(r"s3://[^/\s]+/\S*", settings[key]), settings[key]
+            assert settings[key] != spec.get(key), f"{key}: the spec's example bucket"
+
+
+@pytest.mark.parametrize("job", [j for _, j in _job_specs()], ids=[w for w, _ in _job_specs()])
+def test_entrypoint_validates_with_its_settings(job: dict):
+    spec_path, settings = _entrypoint(job["entrypoint"])
+    argv = [sys.executable, "-m", "pipeline", "validate", str(spec_path)]
+    argv += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{job['entrypoint']}:\n{done.stdout}{done.stderr}"
+    resolved = yaml.safe_load(done.stdout)
+    for key, value in settings.items():
+        assert resolved[key] == yaml.safe_load(value), key
 
 
 @pytest.mark.parametrize("spec", _documented_specs())
