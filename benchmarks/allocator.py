@@ -58,12 +58,15 @@ def child(setting: str, workload: str, threads: int) -> dict:
 
     import pipeline.engine as engine
     from pipeline.jobspec import InferenceSpec
+    from pipeline.storage import Files
 
     if setting == "default":
         engine.keep_freed_memory = lambda: False
     torch.set_num_threads(threads)
     weights = SHARED / "weights" / "PANx4_DF2K.pth"
-    upscaler = engine.build_upscaler(InferenceSpec(weights=str(weights), device="cpu", precision="bf16"), 4)
+    upscaler = engine.build_upscaler(
+        InferenceSpec(weights=str(weights), device="cpu", precision="bf16"), 4, files=Files()
+    )
     pixels = workload_images(workload)
     megapixels = sum(p.shape[0] * p.shape[1] for p in pixels) * 16 / 1e6
     for p in pixels:

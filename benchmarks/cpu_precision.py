@@ -19,6 +19,7 @@ from pipeline.engine import build_upscaler
 from pipeline.evaluate import evaluate
 from pipeline.imaging import decode_image
 from pipeline.jobspec import InferenceSpec
+from pipeline.storage import Files
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PRECISIONS = ("fp32", "bf16")
@@ -37,7 +38,8 @@ def quality() -> None:
         for scale in (2, 4):
             _, pairs = load_benchmark(str(SHARED / "benchmarks" / dataset), scale)
             scores = {
-                p: evaluate(build_upscaler(spec(scale, p), scale), dataset, pairs).psnr_y for p in PRECISIONS
+                p: evaluate(build_upscaler(spec(scale, p), scale, files=Files()), dataset, pairs).psnr_y
+                for p in PRECISIONS
             }
             delta = scores["bf16"] - scores["fp32"]
             print(f"| {dataset} | x{scale} | {scores['fp32']:.4f} | {scores['bf16']:.4f} | {delta:+.4f} |")
@@ -46,7 +48,7 @@ def quality() -> None:
 def speed(rounds: int) -> None:
     paths = sorted((SHARED / "benchmarks/Set14/LR_bicubic/X4").glob("*.png"))
     images = [decode_image(p.read_bytes()).pixels for p in paths]
-    upscalers = {p: build_upscaler(spec(4, p), 4) for p in PRECISIONS}
+    upscalers = {p: build_upscaler(spec(4, p), 4, files=Files()) for p in PRECISIONS}
     for upscaler in upscalers.values():
         upscaler.upscale(images[0])  # warm-up: oneDNN builds its kernels
     output_mp = sum(i.shape[0] * i.shape[1] * 16 for i in images) / 1e6

@@ -97,8 +97,11 @@ def eager_macs(spec: Any, scale: int, pixels: list[Any], per_call: int) -> int:
     16x too few so), and compiled code calls none. The twin plans the same windows as long as its
     memory budget does not tile an image the engine runs whole (Set14 and Set5 are far below it)."""
     from pipeline.engine import build_upscaler
+    from pipeline.storage import Files
 
-    twin = build_upscaler(spec.model_copy(update={"cuda_graphs": False, "compile": False}), scale)
+    twin = build_upscaler(
+        spec.model_copy(update={"cuda_graphs": False, "compile": False}), scale, files=Files()
+    )
     with ConvMacs(twin.model) as counter:
         for group in groups_of(pixels, per_call):
             twin.upscale_many(group)
@@ -135,6 +138,7 @@ def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, cho
     """The engine in each precision (with CUDA graphs on a GPU, the default), in ``chosen``
     without graphs, then in ``chosen`` compiled (build and warm-up timed apart)."""
     from pipeline.engine import auto_candidates, build_upscaler, resolve_device
+    from pipeline.storage import Files
 
     variants = [(p, "default", {}) for p in auto_candidates(resolve_device(spec.device))]
     variants += [(chosen, "no CUDA graphs", {"cuda_graphs": False}), (chosen, "compiled", {"compile": True})]
@@ -143,7 +147,7 @@ def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, cho
         variant = spec.model_copy(update={"precision": precision, **settings})
         start = time.perf_counter()
         try:
-            upscaler = build_upscaler(variant, scale)
+            upscaler = build_upscaler(variant, scale, files=Files())
             figures = engine_figures(upscaler, pixels, per_call, eager_macs(variant, scale, pixels, per_call))
         except Exception as exc:  # a precision the card lacks, or compile without a compiler
             print(f"  {precision} {label}: failed: {exc!r}")
@@ -237,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.engine import DTYPES, build_upscaler
     from pipeline.jobspec import InferenceSpec, UpscaleJob
+    from pipeline.storage import Files
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     spec = InferenceSpec(weights=str(weights), device=args.device)
-    upscaler = build_upscaler(spec, args.scale)
+    upscaler = build_upscaler(spec, args.scale, files=Files())
     per_call = UpscaleJob.model_fields["images_per_batch"].default
     print(f"{card}: torch {torch.__version__}, PAN x{args.scale}, precision auto -> {upscaler.precision}")
     pixels = decoded(files)

@@ -98,12 +98,13 @@ def measure(dest: str, scenario: str, total: int, ledger_size: int) -> dict:
     from pipeline.ledger import RunLog, read_ledger
     from pipeline.planner import plan_units
     from pipeline.sinks import PartBuffer
+    from pipeline.storage import Files
     from pipeline.upscale import UpscaleJob
 
     failed: list[int] = []
     units = source_units(scenario, total, ledger_size, failed)
     if failed:  # one more run, in which these inputs failed
-        log = RunLog(dest, "20990101T000000Z-bench-failed", PartBuffer(10_000, 2**27))
+        log = RunLog(dest, "20990101T000000Z-bench-failed", PartBuffer(10_000, 2**27), files=Files())
         for i in failed:
             log.add({"key": _key(i), "unit": _key(i), "unit_size": 100_000 + i % 5000,
                      "unit_version": f'"{i:032x}"', "unit_rows": 1, "name": _key(i)[:-4] + ".png",
@@ -115,7 +116,7 @@ def measure(dest: str, scenario: str, total: int, ledger_size: int) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pool = pa.default_memory_pool()
     start = time.perf_counter()
-    ledger = read_ledger(dest, None)
+    ledger = read_ledger(dest, None, Files())
     read_s = time.perf_counter() - start
     work = plan_units(job, units, ledger)
     seconds = time.perf_counter() - start

@@ -97,6 +97,7 @@ from torch import nn  # noqa: E402
 from pipeline.engine import Upscaler, build_upscaler  # noqa: E402
 from pipeline.jobspec import InferenceSpec  # noqa: E402
 from pipeline.metrics import psnr_y  # noqa: E402
+from pipeline.storage import Files  # noqa: E402
 
 Run = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 
@@ -245,7 +246,7 @@ def _serve_ours(conn: Any, scale: int, precision: str, threads: int) -> None:
     torch.set_num_threads(threads)
     spec = InferenceSpec(weights=str(SHARED / "weights" / f"PANx{scale}_DF2K.pth"), device="cpu",
                          precision=precision)  # fmt: skip
-    upscaler = build_upscaler(spec, scale)
+    upscaler = build_upscaler(spec, scale, files=Files())
     ours = Contender(lambda image: upscaler.upscale(np.asarray(image)))
     loads = workloads(scale)
     while True:

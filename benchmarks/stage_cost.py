@@ -82,8 +82,9 @@ def save_outputs(files: list[Path], scale: int, weights: Path, into: Path) -> st
     from pipeline.engine import build_upscaler
     from pipeline.imaging import decode_image
     from pipeline.jobspec import InferenceSpec
+    from pipeline.storage import Files
 
-    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale)
+    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale, files=Files())
     outputs = {}
     for path in files:
         pixels = decode_image(path.read_bytes()).pixels

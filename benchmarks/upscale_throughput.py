@@ -244,9 +244,10 @@ def make_upscaler(weights: Path, scale: int) -> tuple[Any, float]:
     weights and build it."""
     from pipeline.engine import build_upscaler
     from pipeline.jobspec import InferenceSpec
+    from pipeline.storage import Files
 
     start = time.perf_counter()
-    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale)
+    upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale, files=Files())
     return upscaler, time.perf_counter() - start
 
 

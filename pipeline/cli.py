@@ -1,6 +1,7 @@
 """The ``pan`` command. Every error a user can cause ends in one line on stderr and exit code 2
 (75 when another run holds the destination's lease: try later), before any image is computed
-where it can be known before (``--debug`` adds the traceback).
+where it can be known before (``--debug`` adds the traceback); settings with several problems
+end in a summary line and one indented line per problem.
 Anything else is a bug and keeps its traceback. Ray's own logging stays hidden unless
 ``--verbose``."""
 
@@ -93,11 +94,18 @@ def _settings(args: argparse.Namespace, job_class: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in job_class.model_fields}
 
 
+def _files(args: argparse.Namespace):
+    """How ``upscale-image`` and ``compare`` reach their files: ``--storage-options``, once."""
+    from pipeline.storage import Files
+
+    return Files(args.storage_options)
+
+
 def _upscaler(args: argparse.Namespace):
     from pipeline.engine import build_upscaler
     from pipeline.jobspec import InferenceSpec
 
-    return build_upscaler(InferenceSpec(**_settings(args, InferenceSpec)), args.scale)
+    return build_upscaler(InferenceSpec(**_settings(args, InferenceSpec)), args.scale, files=_files(args))
 
 
 def _refuse_overwriting_inputs(output: str, *inputs: str | None) -> None:
@@ -109,19 +117,18 @@ def _refuse_overwriting_inputs(output: str, *inputs: str | None) -> None:
             raise DestinationError(f"{output} is also an input: choose another output path")
 
 
-def _check_output_folder(location: str) -> None:
+def _check_output_folder(location: str, files) -> None:
     """Before computing: the folder ``location`` will be written in takes a write."""
-    from pipeline.storage import check_writable, is_url, resolve_location
+    from pipeline.storage import is_url, resolve_location
 
     folder = location.rsplit("/", 1)[0] if is_url(location) else str(Path(resolve_location(location)).parent)
-    check_writable(folder)
+    files.check_writable(folder)
 
 
-def _read_image(location: str):
+def _read_image(location: str, files):
     from pipeline.imaging import decode_image
-    from pipeline.storage import read_bytes
 
-    return decode_image(read_bytes(location), name=location)
+    return decode_image(files.read_bytes(location), name=location)
 
 
 def _output_format(location: str) -> str:
@@ -132,39 +139,37 @@ def _output_format(location: str) -> str:
     return formats[suffix]
 
 
-def _save_picture(picture, location: str) -> None:
+def _save_picture(picture, location: str, files) -> None:
     import io
-
-    from pipeline.storage import write_bytes
 
     buffer = io.BytesIO()
     picture.save(buffer, format=_output_format(location).upper())
-    write_bytes(location, buffer.getvalue())
+    files.write_bytes(location, buffer.getvalue())
 
 
 def cmd_upscale_image(args: argparse.Namespace) -> int:
     from pipeline.imaging import encode_image
-    from pipeline.storage import write_bytes
 
+    files = _files(args)
     fmt = _output_format(args.output)
     _refuse_overwriting_inputs(args.output, args.input)
     if args.compare:
         _output_format(args.compare)
         _refuse_overwriting_inputs(args.compare, args.input, args.output)
-    image = _read_image(args.input)
+    image = _read_image(args.input, files)
     upscaler = _upscaler(args)
     for location in (args.output, args.compare):
         if location:
-            _check_output_folder(location)
+            _check_output_folder(location, files)
     result = upscaler.upscale_image(image)
-    write_bytes(args.output, encode_image(result, fmt, png_compress_level=args.png_compress_level))
+    files.write_bytes(args.output, encode_image(result, fmt, png_compress_level=args.png_compress_level))
     print(f"{args.input} ({image.width}x{image.height}) -> {args.output} ({result.width}x{result.height})")
     if args.compare:
-        _write_comparison(upscaler, image.pixels, None, args.compare)
+        _write_comparison(upscaler, image.pixels, None, args.compare, files)
     return 0
 
 
-def _write_comparison(upscaler, lr, hr, location: str) -> None:
+def _write_comparison(upscaler, lr, hr, location: str, files) -> None:
     from pipeline.evaluate import as_rgb8, crop_to_multiple
     from pipeline.imaging import imresize
     from pipeline.metrics import psnr_y
@@ -186,18 +191,19 @@ def _write_comparison(upscaler, lr, hr, location: str) -> None:
             (f"PAN {psnr_y(sr, hr, crop=s):.2f} dB", sr),
             ("HR", hr),
         ]
-    _save_picture(comparison_picture(panels), location)
+    _save_picture(comparison_picture(panels), location, files)
     print(f"comparison -> {location}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     _output_format(args.output)
     _refuse_overwriting_inputs(args.output, args.input, args.hr)
-    lr = _read_image(args.input).pixels
-    hr = _read_image(args.hr).pixels if args.hr else None
+    files = _files(args)
+    lr = _read_image(args.input, files).pixels
+    hr = _read_image(args.hr, files).pixels if args.hr else None
     upscaler = _upscaler(args)
-    _check_output_folder(args.output)
-    _write_comparison(upscaler, lr, hr, args.output)
+    _check_output_folder(args.output, files)
+    _write_comparison(upscaler, lr, hr, args.output, files)
     return 0
 
 
@@ -205,17 +211,16 @@ def _run_eval(job) -> int:
     from pipeline.eval_job import run_eval
     from pipeline.progress import JobProgress
     from pipeline.report import markdown_table
-    from pipeline.storage import write_bytes
 
     if job.report:
-        _check_output_folder(job.report)
+        _check_output_folder(job.report, job.files)
     with JobProgress("evaluating", unit="images") as progress:
         reports = run_eval(job, on_progress=lambda done, total: progress.update({"scored": done}, 0, total))
     print(markdown_table(reports))
     if job.report:
         # One (set, scale): the report object; several: a list of them.
         payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
-        write_bytes(job.report, (json.dumps(payload, indent=2) + "\n").encode())
+        job.files.write_bytes(job.report, (json.dumps(payload, indent=2) + "\n").encode())
         print(f"report -> {job.report}")
     return 0
 
@@ -237,6 +242,7 @@ def _run_upscale(job) -> int:
         + "".join(f", {n} in {p}" for p, n in sorted(summary["precision"].items()))
         + f") -> {job.dest}"
     )
+    _print_ignored(summary["ignored"], summary["ignored_examples"])
     if summary["suspect"]:
         print(
             f"{summary['suspect']} outputs far from a bicubic upscale, flagged suspect "
@@ -253,6 +259,19 @@ def _run_upscale(job) -> int:
         print(f"errors table: {job.dest}/_errors", file=sys.stderr)
     check_error_fraction(job, summary)
     return 0
+
+
+def _print_ignored(ignored: dict[str, int], examples: dict[str, list[str]]) -> None:
+    """Say which files of the source were not inputs, so that none leaves a run unseen."""
+    from pipeline.sources import HIDDEN, OTHER
+
+    why = {
+        HIDDEN: "hidden (a name starting with '.')",
+        OTHER: "not an image, .parquet or .tar shard (by extension)",
+    }
+    for kind, count in ignored.items():
+        shown = ", ".join(examples.get(kind, ())) + (", ..." if count > len(examples.get(kind, ())) else "")
+        print(f"not inputs: {count} file(s) {why[kind]}: {shown}", file=sys.stderr)
 
 
 def _run_train(job) -> int:
@@ -299,7 +318,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             spec = load_spec(path, args.set or ())
         except PipelineError as exc:
-            print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
+            _print_error(exc)
             failed += 1
             continue
         print(f"# {path}: a valid {spec.kind} job")
@@ -312,14 +331,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.submit import client, submit, wait
 
     spec = load_spec(args.spec, args.set or ())  # before anything reaches the cluster
-    submission = submit(spec, address=args.address, runtime_env=args.runtime_env)
+    submission = submit(spec, address=args.address, runtime_env=args.runtime_env, again=args.again)
     if submission.started:
         print(f"submitted {submission.submission_id}")
-    else:
+    elif submission.status == "SUCCEEDED":
         print(
-            f"{submission.submission_id} was submitted before ({submission.status}): attached to it, "
-            "no second job started"
+            f"{submission.submission_id} already succeeded today (its spec runs on a schedule): "
+            "no second run started; --again runs it once more"
         )
+    else:
+        print(f"{submission.submission_id} is {submission.status}: attached to it, no second job started")
     if not (args.wait or args.follow):
         print(f"follow it with: pan jobs logs {submission.submission_id} --follow")
         return 0
@@ -334,6 +355,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline.raycluster import job_log_lines
     from pipeline.submit import client, job_info, list_rows, status_of, wait
 
     jobs = client(args.address)
@@ -350,7 +372,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     elif args.action == "logs":
         if args.follow:
             return wait(jobs, args.id, follow=True)
-        print(jobs.get_job_logs(args.id), end="")
+        print(job_log_lines(jobs.get_job_logs(args.id)), end="")
     elif args.action == "stop":
         stopped = jobs.stop_job(args.id)
         print(f"{args.id}: {'stopping' if stopped else 'already ' + status_of(info)}")
@@ -363,15 +385,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from pipeline.lease import lease_holder
     from pipeline.ledger import failed_inputs, run_rows
     from pipeline.sinks import LEASE_NAME, read_record
-    from pipeline.storage import join, resolve_location
+    from pipeline.storage import Files, join, resolve_location
 
     dest = resolve_location(args.dest)
-    options = getattr(args, "storage_options", None) or {}
-    record = read_record(dest, options)
+    files = Files(getattr(args, "storage_options", None))
+    record = read_record(dest, files)
     if record is None:
         raise PipelineError(f"{args.dest} is not a destination of pan upscale (no _pan.json)")
     if args.failed:
-        rows = failed_inputs(dest, record.ledger_since, options)
+        rows = failed_inputs(dest, record.ledger_since, files)
         print("|input|attempts|error|last run|")
         print("|---|---|---|---|")
         for r in rows:
@@ -380,17 +402,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
             )
         print(f"{len(rows)} inputs failed at their last attempt", file=sys.stderr)
         return 0
-    holder = lease_holder(join(dest, LEASE_NAME), options)
+    holder = lease_holder(join(dest, LEASE_NAME), files)
     print("|run|state|succeeded|failed|skipped|given up|suspect|output MP|seconds|")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in run_rows(dest, options):
-        state = (
-            "finished"
-            if r["finished"]
-            else "running"
-            if holder and holder.run_id == r["run_id"]
-            else "killed"
-        )
+    for r in run_rows(dest, files):
+        running = holder is not None and holder.run_id == r["run_id"] and not holder.dead_because()
+        state = "finished" if r["finished"] else "running" if running else "killed"
         if record.ledger_since and r["run_id"] < record.ledger_since:
             state += " (before an --overwrite)"
         cells = [r.get(k, "") for k in ("succeeded", "failed", "skipped", "given_up", "suspect")]
@@ -423,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.jobspec import KINDS, EvalJob, InferenceSpec, TrainJob, UpscaleJob
     from pipeline.submit import RUNTIME_ENVS
 
-    inference = ("scale", *InferenceSpec.model_fields)  # upscale-image and compare
+    inference = ("scale", *InferenceSpec.model_fields, "storage_options")  # upscale-image and compare
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument("--verbose", action="store_true", help="show Ray's own logs and warnings")
@@ -489,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="installed: the package in the cluster's image (default); working-dir: ship this checkout's "
         "pipeline/ package with requirements.lock",
     )
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="run a scheduled spec again although its run of the day succeeded (a spec without a schedule "
+        "runs again whenever its last job has ended)",
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--wait", action="store_true", help="wait for the end; exit code 0 only if it succeeded")
     how.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
@@ -521,6 +544,22 @@ def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
+def _print_error(exc: PipelineError) -> None:
+    """``pan: error: ...`` on stderr: one line; for an ``InvalidSettingsError``, its summary and
+    then its problems, one indented line each."""
+    from pipeline.errors import InvalidSettingsError
+
+    if isinstance(exc, InvalidSettingsError):
+        print(
+            f"pan: error: {exc.summary}",
+            *(f"  {problem}" for problem in exc.problems),
+            sep="\n",
+            file=sys.stderr,
+        )
+    else:
+        print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.raycluster import Terminated, quiet_ray, shutdown_on_exit, use_configured_token
 
@@ -537,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"pan: error: {_one_line(str(exc))}", file=sys.stderr)
+        _print_error(exc)
         return getattr(exc, "exit_code", EXIT_USER_ERROR)
     except OSError as exc:  # missing, unreadable or unwritable files, local or remote
         if args.debug:

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.errors import DatasetError, InvalidImageError
+from pipeline.errors import DatasetError, InvalidImageError, PipelineError
 from pipeline.hub import is_repo_id, offline_mode, unreachable_reason
 from pipeline.imaging import IMAGE_SUFFIXES, decode_image, imresize
-from pipeline.storage import is_url, join, list_files, read_bytes
+from pipeline.storage import Files, is_url, join
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
@@ -128,7 +128,7 @@ class _FileImages(_Images):
 class _ColumnImages(_Images):
     """One image column of a ``datasets.Dataset``, read a row at a time with our decoder."""
 
-    def __init__(self, ds: Any, column: str, source: str) -> None:
+    def __init__(self, ds: Any, column: str, source: str, files: Files) -> None:
         import datasets
         import pyarrow.compute as pc
 
@@ -139,7 +139,7 @@ class _ColumnImages(_Images):
             )
         # decode=False: our decoder and mode rules, not Pillow's via datasets.
         self.ds = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
-        self.column = column
+        self.column, self.files = column, files
         # Only the path child is read: the table is memory-mapped, so embedded bytes are not loaded.
         paths = pc.struct_field(self.ds.with_format("arrow")[:][column], "path").to_pylist()
         self.names = [_path_stem(p) or f"{i:04d}" for i, p in enumerate(paths)]
@@ -148,7 +148,10 @@ class _ColumnImages(_Images):
         cell = self.ds[index][self.column]
         data, path = cell.get("bytes"), cell.get("path")
         if data is None and path:
-            data = _read_path(path)
+            try:
+                data = self.files.read_bytes(path)
+            except (OSError, PipelineError) as exc:
+                raise DatasetError(f"cannot read {path}: {exc}") from exc
         return _decode(data or b"", self.names[index])
 
 
@@ -156,18 +159,6 @@ def _path_stem(path: str | None) -> str:
     # imagefolder on an archive gives fsspec chained URLs: "zip://DIV2K_train_HR/0001.png::/x/a.zip".
     member = (path or "").split("::")[0].split("://")[-1]
     return PurePosixPath(member).stem
-
-
-def _read_path(path: str) -> bytes:
-    try:
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as f:
-                return f.read()
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
 
 
 def _match_by_name(hr_names: Sequence[str], lr: _Images, scale: int, where: object) -> list[int]:
@@ -229,41 +220,50 @@ class ImagePairs(PairSource):
 
 
 def open_pairs(
-    source: str, scale: int, *, split: str | None = None, lr_source: str | None = None
+    source: str,
+    scale: int,
+    *,
+    split: str | None = None,
+    lr_source: str | None = None,
+    files: Files | None = None,
 ) -> PairSource:
     """A lazy ``PairSource`` over ``source`` (see the module docstring for the forms it takes).
 
     ``lr_source``: LR images from a second source (its ``hr``/``image`` images or files), paired by
     name; it replaces any LR that ``source`` has. Without LR, LR is made with MATLAB bicubic.
+    URLs are read through ``files`` (a job's ``Files``: its storage options; default, none).
     """
     if scale < 1:
         raise ValueError(f"scale must be a positive integer, not {scale}")
-    name, hr, lr, lr_rows = _open(source, scale, split)
+    files = files or Files()
+    name, hr, lr, lr_rows = _open(source, scale, split, files)
     if lr_source is not None:
-        lr = _open(lr_source, scale, split)[1]
+        lr = _open(lr_source, scale, split, files)[1]
         lr_rows = _match_by_name(hr.names, lr, scale, lr_source)
     if not hr.names:
         raise DatasetError(f"{source} holds no images")
     return ImagePairs(name, scale, hr, lr, lr_rows)
 
 
-def load_benchmark(source: str, scale: int, *, split: str | None = None) -> tuple[str, list[BenchmarkPair]]:
+def load_benchmark(
+    source: str, scale: int, *, split: str | None = None, files: Files | None = None
+) -> tuple[str, list[BenchmarkPair]]:
     """(dataset name, every pair decoded) for the sources ``open_pairs`` reads."""
-    pairs = open_pairs(source, scale, split=split)
+    pairs = open_pairs(source, scale, split=split, files=files)
     return pairs.name, list(pairs)
 
 
 def _open(
-    source: str, scale: int, split: str | None
+    source: str, scale: int, split: str | None, files: Files
 ) -> tuple[str, _Images, _Images | None, list[int] | None]:
     """(name, HR images, LR images or None, LR index of each HR image, or None for the same index)."""
-    path = Path(_benchmark_copy(source, scale) or source)
+    path = Path(_benchmark_copy(source, scale, files) or source)
     if (path / "HR").is_dir():
         return (path.name, *_benchmark_folder(path, scale))
     if path.is_dir():
-        files = _only_images(path)
-        if files:
-            return path.name, _FileImages(files, path), None, None
+        images = _only_images(path)
+        if images:
+            return path.name, _FileImages(images, path), None, None
         if not any(path.iterdir()):
             raise DatasetError(f"{source} is empty")
     elif "://" not in source and not path.exists():
@@ -275,34 +275,34 @@ def _open(
                 f"{source}: no such file or folder, and the Hugging Face hub cannot be asked for it as a "
                 f"dataset id: {reason} (with HF_HUB_OFFLINE=1 a cached copy is used)"
             )
-    ds = _load_hf(source, split)
+    ds = _load_hf(source, split, files)
     hr_col = next((c for c in ("hr", "image") if c in ds.column_names), None)
     if hr_col is None:
         raise DatasetError(f"{source} has no 'hr' column (columns: {ds.column_names}); use {FORMS_THAT_WORK}")
-    lr = _ColumnImages(ds, "lr", source) if "lr" in ds.column_names else None
-    return _source_name(source), _ColumnImages(ds, hr_col, source), lr, None
+    lr = _ColumnImages(ds, "lr", source, files) if "lr" in ds.column_names else None
+    return _source_name(source), _ColumnImages(ds, hr_col, source, files), lr, None
 
 
-def _benchmark_copy(source: str, scale: int) -> str | None:
+def _benchmark_copy(source: str, scale: int, files: Files) -> str | None:
     """A local copy of a benchmark folder at a URL (``HR/`` + ``LR_bicubic/X<scale>/``, as on
     disk), or None when ``source`` is not one. Sets are small (Urban100: ~100 images); the copy
     lives in a temp folder of this process, removed at exit, so a changed set is never read stale."""
     if not is_url(source) or _data_file_builder(source):
         return None
     wanted = ("HR/", f"LR_bicubic/X{scale}/")
-    files = [f for f in list_files(source) if f.startswith(wanted)]
-    if not any(f.startswith("HR/") for f in files):
+    listed = [f for f in files.list_files(source) if f.startswith(wanted)]
+    if not any(f.startswith("HR/") for f in listed):
         return None
     if source not in _COPIES:
         folder = tempfile.mkdtemp(prefix="pan-benchmark-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _COPIES[source] = Path(folder) / source.rstrip("/").rsplit("/", 1)[-1]  # the set's name
     root = _COPIES[source]
-    for rel in files:  # another scale of a set already here adds its LR folder
+    for rel in listed:  # another scale of a set already here adds its LR folder
         target = root / rel
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(read_bytes(join(source, rel)))
+            target.write_bytes(files.read_bytes(join(source, rel)))
     return str(root)
 
 
@@ -357,16 +357,18 @@ def _data_file_builder(source: str) -> str | None:
     return "imagefolder" if name.endswith(ARCHIVE_SUFFIXES) else None
 
 
-def _load_hf(source: str, split: str | None) -> Any:
-    """A ``datasets.Dataset`` from a hub id, a Parquet file/folder, an image archive or an imagefolder."""
+def _load_hf(source: str, split: str | None, files: Files) -> Any:
+    """A ``datasets.Dataset`` from a hub id, a Parquet file/folder, an image archive or an
+    imagefolder; URLs read with ``files``' storage options."""
     import datasets
 
     builder = _data_file_builder(source)
+    options = {"storage_options": files.options} if files.options else {}
     try:
         if builder:
-            loaded = datasets.load_dataset(builder, data_files=source, split=split)
+            loaded = datasets.load_dataset(builder, data_files=source, split=split, **options)
         else:
-            loaded = datasets.load_dataset(source, split=split)
+            loaded = datasets.load_dataset(source, split=split, **options)
     except Exception as exc:
         text = str(exc)
         if "scripts are no longer supported" in text or re.search(r"\bfound \S+\.py\b", text):

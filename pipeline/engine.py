@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from pipeline.imaging import DecodedImage, imresize
 from pipeline.jobspec import AUTO, PRECISIONS, InferenceSpec
 from pipeline.model import PAN
 from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
+
+if TYPE_CHECKING:
+    from pipeline.storage import Files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
@@ -555,19 +558,22 @@ def build_upscaler(
     spec: InferenceSpec,
     scale: int,
     *,
+    files: Files | None,
     model: PAN | None = None,
     device: str | None = None,
-    storage_options: dict[str, Any] | None = None,
     memory_share: float = 1.0,
 ) -> Upscaler:
-    """The ``Upscaler`` that ``spec`` describes, at ``scale``: its weights loaded, unless ``model``
-    is given (a model in training); on ``device`` when given (the device Ray gave an actor), else
-    ``spec.device``; on a GPU, with ``memory_share`` of the default memory budget (an actor that
-    shares its GPU with others passes its share, so that together they stay within the budget)."""
+    """The ``Upscaler`` that ``spec`` describes, at ``scale``: its weights loaded through ``files``
+    (the job's ``storage.Files``; None only with a ``model``), unless ``model`` is given (a model in
+    training); on ``device`` when given (the device Ray gave an actor), else ``spec.device``; on a
+    GPU, with ``memory_share`` of the default memory budget (an actor that shares its GPU with
+    others passes its share, so that together they stay within the budget)."""
     if model is None:
         from pipeline.weights import load_pretrained
 
-        model = load_pretrained(spec.weights, scale=scale, storage_options=storage_options)
+        if files is None:
+            raise TypeError("build_upscaler loads the weights through files=; only a given model needs none")
+        model = load_pretrained(spec.weights, scale=scale, files=files)
     return Upscaler(
         model,
         device=device or spec.device,

@@ -1,9 +1,12 @@
 """Typed errors a user can cause. Each message says what is wrong and, where it helps, what to do.
 
 The CLI turns any ``PipelineError`` into one line on stderr and exit code 2 (the traceback only
-with ``--debug``); batch jobs turn ``InvalidImageError`` into a row of the errors table (its class
-name is the error type). Anything else that escapes is a bug and keeps its traceback.
+with ``--debug``; an ``InvalidSettingsError`` adds a line per problem); batch jobs turn
+``InvalidImageError`` into a row of the errors table (its class name is the error type). Anything
+else that escapes is a bug and keeps its traceback.
 """
+
+from collections.abc import Sequence
 
 
 class PipelineError(Exception):
@@ -52,6 +55,21 @@ class DeviceError(PipelineError):
 
 class SettingsError(PipelineError, ValueError):
     """A setting out of range or settings that contradict each other (also a ``ValueError``)."""
+
+
+class InvalidSettingsError(SettingsError):
+    """Settings with several problems, all reported at once. ``summary`` names the spec file (if
+    any) and how many problems there are; ``problems`` holds one line per problem, each naming its
+    key and where it was given (the spec file or a ``--set`` item). ``str()`` is the summary, then
+    the problems, one a line. A single problem is a plain ``SettingsError`` of one line."""
+
+    def __init__(self, summary: str, problems: Sequence[str]) -> None:
+        super().__init__(summary, tuple(problems))  # the arguments, so that it pickles
+        self.summary = summary
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        return "\n".join((self.summary, *self.problems))
 
 
 class StorageError(PipelineError):

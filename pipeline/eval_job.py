@@ -65,7 +65,7 @@ class EvalActor:
     ``threads`` torch threads on the CPU."""
 
     def __init__(self, job: EvalJob, threads: int, choices: Any | None = None) -> None:
-        self.job, self.threads, self.choices = job, threads, choices
+        self.job, self.threads, self.choices, self.files = job, threads, choices, job.files
         self.upscalers: dict[int, Any] = {}
         # A GPU actor takes two batches at once (``actor_pool``): without the lock, both could
         # build the same scale's engine, loading its weights and taking its memory twice.
@@ -75,13 +75,11 @@ class EvalActor:
         with self._building:
             if scale not in self.upscalers:
                 spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-                self.upscalers[scale] = actor_upscaler(spec, scale, self.threads, self.choices)
+                self.upscalers[scale] = actor_upscaler(spec, scale, self.threads, self.choices, self.files)
             return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows (task, index, dataset, scale, name, hr, lr) -> rows (task, index, *scores)."""
-        from pipeline.storage import write_bytes
-
         out: dict[str, list] = {"task": [], "index": [], **{k: [] for k in _SCORES}}
         for i in range(len(batch["task"])):
             scale, dataset = int(batch["scale"][i]), str(batch["dataset"][i])
@@ -89,7 +87,7 @@ class EvalActor:
             score, sr, bicubic = score_pair(self._upscaler(scale), pair)
             if self.job.compare_dir:
                 location = comparison_location(self.job.compare_dir, dataset, scale, pair.name)
-                write_bytes(location, comparison_png(pair, score, sr, bicubic))
+                self.files.write_bytes(location, comparison_png(pair, score, sr, bicubic))
             out["task"].append(int(batch["task"][i]))
             out["index"].append(int(batch["index"][i]))
             for k in _SCORES:
@@ -115,7 +113,7 @@ def _weights_ids(job: EvalJob) -> dict[int, str]:
     ids = {}
     for scale in job.scale:
         try:
-            ids[scale] = load_pretrained(job.weights_for(scale), scale=scale).weights_info.id
+            ids[scale] = load_pretrained(job.weights_for(scale), scale=scale, files=job.files).weights_info.id
         except WeightsError as exc:
             if len(job.scale) > 1 and SCALE_PLACEHOLDER not in job.weights:
                 hint = f"for several scales, put {SCALE_PLACEHOLDER} in the weights path"
@@ -132,7 +130,7 @@ def _put_benchmarks(job: EvalJob) -> tuple[list[_Task], Any]:
     parts = []
     for source in job.data:
         for scale in job.scale:
-            dataset, pairs = load_benchmark(source, scale, split=job.split)
+            dataset, pairs = load_benchmark(source, scale, split=job.split, files=job.files)
             if any(t.dataset == dataset and t.scale == scale for t in tasks):
                 raise PipelineError(
                     f"two benchmark sets are named {dataset}; their reports and pictures would clash"
@@ -156,14 +154,13 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     """
 
     from pipeline.datasets import open_pairs
-    from pipeline.storage import check_writable
 
     weights_ids = _weights_ids(job)
     for source in job.data:  # names only, nothing decoded: a bad set fails before Ray starts
         for scale in job.scale:
-            open_pairs(source, scale, split=job.split)
+            open_pairs(source, scale, split=job.split, files=job.files)
     if job.compare_dir:
-        check_writable(job.compare_dir)
+        job.files.check_writable(job.compare_dir)
     connect(job.address)
     data_context()
     tasks, ds = _put_benchmarks(job)

@@ -14,7 +14,8 @@ Conventions, kept everywhere:
   from the folder ``pan`` runs in, like paths given as flags.
 - A spec file is YAML: ``kind:`` (which job), optionally ``schedule:`` (a cron line: the spec runs
   on a schedule, and ``pan submit`` names its submission by the day), and that job's fields.
-  Anything else is refused, naming the key and the file.
+  Anything else is refused, naming the key and the file. Every problem of a spec is reported at
+  once, each naming its key (``InvalidSettingsError``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,19 @@ import dataclasses
 import difflib
 import re
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import yaml
 from pydantic import (
@@ -38,10 +50,10 @@ from pydantic import (
     field_validator,
 )
 
-from pipeline.errors import SettingsError
+from pipeline.errors import InvalidSettingsError, SettingsError
 from pipeline.hub import resolve_source
 from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_COMPRESS_LEVEL
-from pipeline.storage import join, resolve_location
+from pipeline.storage import Files, join, resolve_location
 from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, check_tile
 
 if TYPE_CHECKING:
@@ -113,7 +125,10 @@ PngLevel = Annotated[
 ]
 RayAddress = Annotated[
     str | None,
-    Field(description="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"),
+    Field(
+        description="Ray cluster to join: auto (the one `ray start` began on this machine), HOST:PORT or "
+        "ray://...; default: RAY_ADDRESS, else a new local Ray of this command's own"
+    ),
 ]
 Actors = Annotated[
     int | None,
@@ -123,7 +138,11 @@ Actors = Annotated[
 ]
 ActorCpus = Annotated[float, Field(gt=0, description="CPUs reserved per CPU actor (fractional)")]
 StorageOptions = Annotated[
-    dict[str, Any], Field(description='fsspec options for URLs, e.g. {"anon": true} (JSON)')
+    dict[str, Any],
+    Field(
+        description='fsspec options for URLs, used by every read and write of the job, e.g. {"anon": true} '
+        'or {"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}} (JSON)'
+    ),
 ]
 
 
@@ -151,6 +170,12 @@ class JobSpec(BaseModel):
             raise SettingsError(f"{path} is a {spec['kind']!r} job spec, not {cls.kind!r}")
         settings = {k: v for k, v in spec.items() if k not in ENVELOPE}
         return build_job(cls, {**settings, **overrides}, path)
+
+    @property
+    def files(self) -> Files:
+        """How the job reaches its files: its ``storage_options``, once, for every read and write
+        in every process of the job (``pipeline.storage.Files``)."""
+        return Files(self.storage_options)
 
 
 # -- how PAN runs -----------------------------------------------------------------------------------
@@ -332,6 +357,7 @@ class EvalJob(JobSpec, InferenceSpec):
     compare_dir: Location | None = Field(
         None, description="write bicubic | PAN | HR pictures as DIR/<set>/x<scale>/<image>.png"
     )
+    storage_options: StorageOptions = Field(default_factory=dict)
     actors: Actors = None
     actor_cpus: ActorCpus = 0.5
     images_per_batch: int = Field(1, ge=1, description="images per model call of an actor")
@@ -380,8 +406,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
-    """The spec file at ``path`` with ``key=value`` overrides, validated; ``SettingsError`` names
-    the file and the key of any problem."""
+    """The spec file at ``path`` with ``key=value`` overrides, validated. A ``SettingsError`` names
+    the file and the key of a problem; an ``InvalidSettingsError`` names every one when there are
+    several (in the schedule, the ``--set`` items and the settings)."""
     spec = read_spec_file(path)
     kind = spec.get("kind")
     if kind not in KINDS:
@@ -389,14 +416,23 @@ def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
         said = f"kind {kind!r} is unknown" if kind else "no kind: key"
         raise SettingsError(f"job spec {path}: {said} (choose one of {choices})")
     job_class = KINDS[kind]
+    found: list[_Problem] = []
     schedule = spec.get("schedule")
     if schedule is not None and not (isinstance(schedule, str) and _CRON.match(schedule.strip())):
-        raise SettingsError(f"job spec {path}: schedule: {schedule!r} is not a cron line like '0 2 * * *'")
+        said = f"schedule: {schedule!r} is not a cron line like '0 2 * * *'"
+        found.append(_Problem(f"{path}: {said}", f"job spec {path}: {said}", "schedule"))
     settings = {k: v for k, v in spec.items() if k not in ENVELOPE}
     for item in sets:
-        key, value = split_setting(item)
-        settings[key] = parse_setting(job_class, key, value, where=f"--set {item}")
-    job = build_job(job_class, settings, path)
+        try:
+            key, value = split_setting(item)
+        except SettingsError as exc:
+            found.append(_Problem(str(exc), str(exc)))
+            continue
+        try:
+            settings[key] = parse_setting(job_class, key, value, where=f"--set {item}")
+        except SettingsError as exc:
+            found.append(_Problem(str(exc), str(exc), key, unknown=key not in job_class.model_fields))
+    job = _build(job_class, settings, path, found)
     return Spec(str(path), kind, schedule.strip() if schedule else None, job, tuple(sets))
 
 
@@ -407,9 +443,15 @@ def split_setting(item: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), value
 
 
-def _unknown(job_class: type[JobSpec], key: str) -> str:
+def _closest(job_class: type[JobSpec], key: str) -> str | None:
+    """The field of ``job_class`` that ``key`` most likely misspells, if any is close."""
     close = difflib.get_close_matches(key, job_class.model_fields, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    return close[0] if close else None
+
+
+def _unknown(job_class: type[JobSpec], key: str) -> str:
+    close = _closest(job_class, key)
+    hint = f" (did you mean {close}?)" if close else ""
     return f"{key}: not a setting of {job_class.kind} jobs{hint}"
 
 
@@ -457,23 +499,92 @@ def parse_setting(job_class: type[JobSpec], key: str, text: str, *, where: str) 
         raise SettingsError(f"{where}: {key}: {exc}") from exc
 
 
+def _message(error: Any) -> str:
+    """What a pydantic error says, without pydantic's prefix for a validator's ``ValueError``."""
+    return error["msg"].removeprefix("Value error, ")
+
+
 def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return _message(exc.errors()[0])
     return str(exc).splitlines()[0]
 
 
-def build_job(job_class: type[JobSpec], settings: dict[str, Any], path: str | Path | None = None) -> JobSpec:
-    """``job_class(**settings)``; a ``SettingsError`` names the first problem's key (and file)."""
-    try:
-        return job_class(**settings)
-    except ValidationError as exc:
-        error = exc.errors()[0]
+class _Problem(NamedTuple):
+    """One problem of a job's settings, worded as one line among several (``line``) and as the
+    whole message when it is the only one (``alone``)."""
+
+    line: str
+    alone: str
+    key: str | None = None  # the setting it is about, when it is about one
+    unknown: bool = False  # ``key`` is no setting of the job
+
+
+def _title(path: str | Path | None) -> str:
+    return f"invalid job settings in {path}" if path else "invalid job settings"
+
+
+def _model_problems(
+    job_class: type[JobSpec],
+    exc: ValidationError,
+    settings: dict[str, Any],
+    path: str | Path | None,
+    found: Sequence[_Problem],
+) -> list[_Problem]:
+    """A problem for each error of ``exc``, in the order of the keys in ``settings`` (missing keys
+    last). Errors about a key that ``found`` already reports (a refused ``--set``) are left out; a
+    missing key says which unknown key may misspell it."""
+    covered = {p.key for p in found if p.key and not p.unknown}
+    errors = [e for e in exc.errors() if not (e["loc"] and str(e["loc"][0]) in covered)]
+    order = {key: i for i, key in enumerate(settings)}
+    errors.sort(key=lambda e: order.get(str(e["loc"][0]), len(order)) if e["loc"] else -1)
+    unknown = dict.fromkeys(
+        [p.key for p in found if p.unknown]
+        + [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    )
+    problems = []
+    for error in errors:
         key = ".".join(str(part) for part in error["loc"]) or "settings"
-        where = f"invalid job settings in {path}" if path else "invalid job settings"
         if error["type"] == "extra_forbidden":
-            raise SettingsError(f"{where}: {_unknown(job_class, str(error['loc'][0]))}") from exc
-        if error["type"] == "missing":
-            hint = f" ({flag(key)})" if path is None else ""
-            raise SettingsError(f"{where}: {key} is required{hint}") from exc
-        raise SettingsError(f"{where}: {key}: {_first_error(exc)}") from exc
+            text = _unknown(job_class, key)
+        elif error["type"] == "missing":
+            text = f"{key} is required{_required_hint(job_class, key, unknown, flags=path is None)}"
+        else:
+            text = f"{key}: {_message(error)}"
+        problems.append(_Problem(f"{path}: {text}" if path else text, f"{_title(path)}: {text}", key))
+    return problems
+
+
+def _required_hint(job_class: type[JobSpec], key: str, unknown: Sequence[str], *, flags: bool) -> str:
+    """What follows "KEY is required": the unknown keys that may misspell it, else (settings from
+    flags) its flag."""
+    misspelt = [u for u in unknown if _closest(job_class, u) == key]
+    if misspelt:
+        return f" (is {' or '.join(misspelt)} a misspelling of it?)"
+    return f" ({flag(key)})" if flags else ""
+
+
+def _refusal(problems: Sequence[_Problem], path: str | Path | None) -> SettingsError:
+    if len(problems) == 1:
+        return SettingsError(problems[0].alone)
+    return InvalidSettingsError(f"{_title(path)}: {len(problems)} problems", [p.line for p in problems])
+
+
+def _build(
+    job_class: type[JobSpec], settings: dict[str, Any], path: str | Path | None, found: Sequence[_Problem]
+) -> JobSpec:
+    """``job_class(**settings)``; a ``SettingsError`` reports ``found`` (problems met before: the
+    schedule, ``--set`` items) and every problem of the settings."""
+    try:
+        job = job_class(**settings)
+    except ValidationError as exc:
+        raise _refusal([*found, *_model_problems(job_class, exc, settings, path, found)], path) from exc
+    if found:
+        raise _refusal(found, path)
+    return job
+
+
+def build_job(job_class: type[JobSpec], settings: dict[str, Any], path: str | Path | None = None) -> JobSpec:
+    """``job_class(**settings)``. A ``SettingsError`` names the key (and the file) of a problem; an
+    ``InvalidSettingsError`` names every one when there are several."""
+    return _build(job_class, settings, path, ())

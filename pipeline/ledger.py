@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DestinationError
 from pipeline.sinks import RUNS_DIR, PartBuffer, parquet_bytes, part_name, write_errors
-from pipeline.storage import filesystem, join, read_bytes, remove, reported, write_bytes
+from pipeline.storage import Files, join, reported
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -91,21 +91,21 @@ class RunFiles:
     finished: bool
 
 
-def _run_files(dest: str, storage_options: dict[str, Any] | None) -> list[RunFiles]:
+def _run_files(dest: str, files: Files) -> list[RunFiles]:
     """The runs of the ledger, oldest first, from one listing of ``_runs/``."""
     with reported(join(dest, RUNS_DIR), "list"):
-        fs, root = filesystem(join(dest, RUNS_DIR), storage_options)
+        fs, root = files.filesystem(join(dest, RUNS_DIR))
         if not fs.exists(root):
             return []
         root = root.rstrip("/")
-        files: dict[str, set[str]] = {}
+        names_of: dict[str, set[str]] = {}
         for path in fs.find(root):
             run_id, _, name = path[len(root) :].strip("/").partition("/")
             if name and "/" not in name:
-                files.setdefault(run_id, set()).add(name)
+                names_of.setdefault(run_id, set()).add(name)
     runs = []
-    for run_id in sorted(files):
-        names = files[run_id]
+    for run_id in sorted(names_of):
+        names = names_of[run_id]
         segments = sorted(n for n in names if n.startswith("manifest-") and n.endswith(".parquet"))
         # A finished run's merged manifest replaces its commits (left behind if killed while deleting).
         manifests = (MANIFEST_NAME,) if MANIFEST_NAME in names else tuple(segments)
@@ -114,13 +114,13 @@ def _run_files(dest: str, storage_options: dict[str, Any] | None) -> list[RunFil
 
 
 def _read_tables(
-    locations: Sequence[str], storage_options: dict[str, Any] | None, columns: Sequence[Sequence[str] | None]
+    locations: Sequence[str], files: Files, columns: Sequence[Sequence[str] | None]
 ) -> list[pa.Table]:
     """Parquet files (``columns[i]`` of file ``i``; None: all), read in parallel: object stores
     answer one request at a time per connection."""
 
     def read(location: str, names: Sequence[str] | None) -> pa.Table:
-        data = read_bytes(location, storage_options)
+        data = files.read_bytes(location)
         try:
             return pq.read_table(
                 io.BytesIO(data), schema=MANIFEST_SCHEMA, columns=list(names) if names else None
@@ -137,11 +137,14 @@ def _read_tables(
 
 @dataclass(frozen=True)
 class Ledger:
-    """The latest entry of each key (``entries``, MANIFEST_SCHEMA) and the runs read."""
+    """The latest entry of each key (``entries``, MANIFEST_SCHEMA) and the runs read; ``owners``
+    (``name``, ``key``, ``unit``): who owns each output name (``_owners``), when the columns read
+    allow it (planning's do)."""
 
     entries: pa.Table
     runs: tuple[str, ...]
     unfinished: tuple[str, ...]  # runs that did not finish (killed), oldest first
+    owners: pa.Table | None = None
 
     def triage(self, units: Iterable[Any], wanted: Sequence[str], max_attempts: int) -> Triage:
         """Sort source files (``InputUnit``s) by what the ledger says of them, in Arrow: which
@@ -206,17 +209,17 @@ PLANNING = ("key", "unit", "unit_size", "unit_version", "unit_rows", "name", "st
 def read_ledger(
     dest: str,
     since: str | None,
-    storage_options: dict[str, Any] | None = None,
+    files: Files,
     columns: Sequence[str] = PLANNING,
 ) -> Ledger:
     """The ledger from run ``since`` on (all runs when None), with the entries' ``columns`` (what
     planning needs by default: lineage and messages stay on disk); see the module docstring."""
-    runs = [r for r in _run_files(dest, storage_options) if since is None or r.run_id >= since]
+    runs = [r for r in _run_files(dest, files) if since is None or r.run_id >= since]
     owner = [r for r in runs for _ in r.manifests]
     locations = [join(run_folder(dest, r.run_id), name) for r in runs for name in r.manifests]
     columns = list(columns)
     checking = columns if "part" in columns else [*columns, "part"]  # the parts of runs that did not finish
-    tables = _read_tables(locations, storage_options, [columns if r.finished else checking for r in owner])
+    tables = _read_tables(locations, files, [columns if r.finished else checking for r in owner])
     checked: dict[str, bool] = {}
     for index, (run, table) in enumerate(zip(owner, tables, strict=True)):
         if run.finished:
@@ -225,7 +228,7 @@ def read_ledger(
         for part in parts:
             if part not in checked:
                 with reported(join(dest, part), "check"):
-                    fs, path = filesystem(join(dest, part), storage_options)
+                    fs, path = files.filesystem(join(dest, part))
                     checked[part] = fs.exists(path)
         lost = [p for p in parts if not checked[p]]
         if lost:  # killed between its entries and its part: those rows were never written
@@ -238,20 +241,39 @@ def read_ledger(
         tables[index] = table.select(columns)
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
     entries = pa.concat_tables(tables) if tables else schema.empty_table()
+    # Entries are in run and commit order: their index is the order things happened in.
+    entries = entries.append_column("order", pa.array(range(entries.num_rows), pa.int64()))
+    latest = _latest(entries)
+    owners = _owners(entries, latest) if {"key", "unit", "name", "status"} <= set(columns) else None
     return Ledger(
-        _latest(entries),
+        latest.drop_columns(["order"]),
         tuple(r.run_id for r in runs),
         tuple(r.run_id for r in runs if not r.finished),
+        owners,
     )
 
 
 def _latest(entries: pa.Table) -> pa.Table:
-    """The last entry of each key (entries are in run and commit order)."""
+    """The last entry of each key (by ``order``)."""
     if entries.num_rows == 0:
         return entries
-    indexed = entries.append_column("order", pa.array(range(entries.num_rows), pa.int64()))
-    last = indexed.group_by("key", use_threads=False).aggregate([("order", "max")])["order_max"]
+    last = entries.group_by("key", use_threads=False).aggregate([("order", "max")])["order_max"]
     return entries.take(last)
+
+
+def _owners(entries: pa.Table, latest: pa.Table) -> pa.Table:
+    """(``name``, ``key``, ``unit``): for each output name, the input that owns it. An output name
+    belongs to the first input that made an output under it (a done entry) and still has one (its
+    latest entry is done), whether or not it is still in the source: a later input that maps to
+    the name must not replace that output."""
+    done = pa.array(DONE)
+    made = entries.filter(pc.is_in(entries["status"], done))
+    first = made.group_by("key", use_threads=False).aggregate([("order", "min")])
+    current = latest.filter(pc.is_in(latest["status"], done)).select(["key", "unit", "name"])
+    owned = current.join(first, "key")
+    winner = owned.group_by("name", use_threads=False).aggregate([("order_min", "min")])
+    owned = owned.join(winner, ["name", "order_min"], right_keys=["name", "order_min_min"])
+    return owned.select(["name", "key", "unit"])
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -270,10 +292,10 @@ class RunLog:
         parts: PartBuffer,
         *,
         before_commit: Callable[[], None] = lambda: None,
-        storage_options: dict[str, Any] | None = None,
+        files: Files,
     ) -> None:
         self.dest, self.run_id, self.parts = dest, run_id, parts
-        self.before_commit, self.storage_options = before_commit, storage_options
+        self.before_commit, self.files = before_commit, files
         self.folder = run_folder(dest, run_id)
         self.commits = 0
         self._entries: list[dict[str, Any]] = []
@@ -281,11 +303,8 @@ class RunLog:
         self._last_commit = time.monotonic()
 
     def start(self, settings: dict[str, Any]) -> None:
-        write_bytes(
-            join(self.folder, SETTINGS_NAME),
-            (json.dumps(settings, indent=2) + "\n").encode(),
-            self.storage_options,
-        )
+        text = json.dumps(settings, indent=2) + "\n"
+        self.files.write_bytes(join(self.folder, SETTINGS_NAME), text.encode())
 
     def add(
         self, entry: dict[str, Any], parquet_row: dict[str, Any] | None = None, error: dict | None = None
@@ -314,7 +333,7 @@ class RunLog:
         self.commits += 1
         part = part_name(self.run_id, self.commits) if self.parts.rows else None
         if self._errors:
-            write_errors(self.dest, self.run_id, self.commits, self._errors, self.storage_options)
+            write_errors(self.dest, self.run_id, self.commits, self._errors, self.files)
         entries = [
             {
                 **{k: v for k, v in e.items() if k != "_in_part"},
@@ -322,9 +341,9 @@ class RunLog:
             }
             for e in self._entries
         ]
-        write_bytes(join(self.folder, _segment(self.commits)), _parquet(entries), self.storage_options)
+        self.files.write_bytes(join(self.folder, _segment(self.commits)), _parquet(entries))
         if part:
-            self.parts.write(self.dest, part, self.storage_options)
+            self.parts.write(self.dest, part, self.files)
         self._entries, self._errors = [], []
         self._last_commit = time.monotonic()
 
@@ -332,18 +351,15 @@ class RunLog:
         """Commit what is left, merge the commits into one manifest, then write the summary."""
         self.commit()
         segments = [join(self.folder, _segment(n)) for n in range(1, self.commits + 1)]
-        tables = _read_tables(segments, self.storage_options, [None] * len(segments))
+        tables = _read_tables(segments, self.files, [None] * len(segments))
         merged = pa.concat_tables(tables) if tables else None
         if merged is None:
             merged = MANIFEST_SCHEMA.empty_table()
-        write_bytes(join(self.folder, MANIFEST_NAME), parquet_bytes(merged), self.storage_options)
+        self.files.write_bytes(join(self.folder, MANIFEST_NAME), parquet_bytes(merged))
         for location in segments:
-            remove(location, self.storage_options)
-        write_bytes(
-            join(self.folder, SUMMARY_NAME),
-            (json.dumps(summary, indent=2) + "\n").encode(),
-            self.storage_options,
-        )
+            self.files.remove(location)
+        text = json.dumps(summary, indent=2) + "\n"
+        self.files.write_bytes(join(self.folder, SUMMARY_NAME), text.encode())
 
 
 def _parquet(entries: list[dict[str, Any]]) -> bytes:
@@ -353,19 +369,17 @@ def _parquet(entries: list[dict[str, Any]]) -> bytes:
 # -- pan runs -------------------------------------------------------------------------------------
 
 
-def run_rows(dest: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def run_rows(dest: str, files: Files) -> list[dict[str, Any]]:
     """One row per run, oldest first: its id, whether it finished, and its counts (from its
     summary, or from its commits for a run that did not finish)."""
     rows = []
-    for run in _run_files(dest, storage_options):
+    for run in _run_files(dest, files):
         folder = run_folder(dest, run.run_id)
         if run.finished:
-            summary = json.loads(read_bytes(join(folder, SUMMARY_NAME), storage_options))
+            summary = json.loads(files.read_bytes(join(folder, SUMMARY_NAME)))
             rows.append({"run_id": run.run_id, "finished": True, **summary})
             continue
-        tables = _read_tables(
-            [join(folder, m) for m in run.manifests], storage_options, [None] * len(run.manifests)
-        )
+        tables = _read_tables([join(folder, m) for m in run.manifests], files, [None] * len(run.manifests))
         entries = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
         statuses = entries["status"].to_pylist()
         suspect = entries["error_type"].to_pylist().count("Suspect")
@@ -376,9 +390,9 @@ def run_rows(dest: str, storage_options: dict[str, Any] | None = None) -> list[d
     return rows
 
 
-def failed_inputs(dest: str, since: str | None, storage_options: dict[str, Any] | None = None) -> list[dict]:
+def failed_inputs(dest: str, since: str | None, files: Files) -> list[dict]:
     """The inputs whose latest entry is a failure, most attempted first."""
-    entries = read_ledger(dest, since, storage_options, columns=MANIFEST_SCHEMA.names).entries
+    entries = read_ledger(dest, since, files, columns=MANIFEST_SCHEMA.names).entries
     failed = entries.filter(pc.equal(entries["status"], "failed"))
     columns = ["key", "attempts", "error_type", "error", "run_id"]
     return sorted(failed.select(columns).to_pylist(), key=lambda e: (-e["attempts"], e["key"]))

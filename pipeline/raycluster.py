@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,17 +43,83 @@ def quiet_ray(*, verbose: bool) -> None:
     """How much of Ray's own output the command shows: everything with ``verbose``, else errors.
 
     Call it before Ray starts. Besides log levels (applied by ``connect``), this hides the token
-    authentication notice of a new local cluster (authentication stays on) and the job client's
-    package uploads, and, where stderr is
-    this process's own file descriptor 2 (a console, not a capture), filters Ray's C++ output to it.
+    authentication notice of a new local cluster (authentication stays on), the job client's
+    package uploads and its log-stream notices (``quiet_loggers``), Ray Data's warnings about its
+    own sizing, and, where stderr is this process's own file descriptor 2 (a console, not a
+    capture), filters Ray's C++ output to it.
     """
     _state["verbose"] = verbose
-    level = logging.INFO if verbose else logging.ERROR
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(level)
-    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(level)  # "Uploading package..."
-    logging.getLogger("ray._private.runtime_env.packaging").setLevel(level)
+    quiet_loggers()
     if not verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data(\.|$)")
         _filter_native_stderr()
+
+
+# Loggers of Ray's client side that say what a user did not ask for: the token notice of a new
+# local cluster, "Uploading package ...", "WebSocket closed for job ...". Ray's modules set their
+# own level when imported, so this is applied again after each import (``quiet_loggers``).
+_CLIENT_LOGGERS = (
+    "ray._private.authentication.authentication_token_setup",
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+)
+
+
+def quiet_loggers() -> None:
+    """Set Ray's client-side loggers to ERROR (INFO with ``verbose``). Call it after importing the
+    Ray modules that own them: they set INFO on themselves at import."""
+    level = logging.INFO if _state["verbose"] else logging.ERROR
+    for name in _CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+USER_LINE = "[pan] "  # a worker's line meant for the user (``say``); the driver shows those only
+
+
+def say(text: str) -> None:
+    """Print ``text`` from a Ray worker for the user to read on the driver: shown as it is (no
+    ``(RayTrainWorker pid=...)`` prefix, no colour codes), while the rest of the workers' output
+    stays hidden unless ``--verbose`` (``connect``)."""
+    print(f"{USER_LINE}{text}", flush=True)
+
+
+def _show_user_lines(data: dict[str, Any]) -> None:
+    """Ray's stream of worker output on the driver, reduced to the ``say`` lines."""
+    stream = sys.stderr if data.get("is_err") else sys.stdout
+    for line in data.get("lines", ()):
+        if line.startswith(USER_LINE):
+            print(line[len(USER_LINE) :], file=stream, flush=True)
+
+
+# Ray's dispatcher of worker output on the driver, and the name of the handler that prints it with
+# prefixes and colours (ray/_private/worker.py, ray/_private/ray_logging/__init__.py; Ray 2.60).
+_RAY_PRINT_LOGS = "ray_print_logs"
+
+
+def _quiet_worker_output() -> None:
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler(_RAY_PRINT_LOGS)
+    dispatcher.add_handler("pan_user_lines", _show_user_lines)
+
+
+# Lines of a job's log that Ray's job manager writes around the driver's own output (its start,
+# its runtime environment), and Ray's log records from the driver's process.
+_JOB_LOG_NOISE = (
+    re.compile(r"^Running entrypoint for job \S+: "),
+    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(DEBUG|INFO) \S+\.py:\d+ -- "),
+)
+
+
+def job_log_lines(text: str) -> str:
+    """A job's logs as a user reads them: Ray's own lines left out unless ``verbose``."""
+    if _state["verbose"]:
+        return text
+    kept = [
+        line for line in text.splitlines(keepends=True) if not any(p.search(line) for p in _JOB_LOG_NOISE)
+    ]
+    return "".join(kept)
 
 
 def verbose() -> bool:
@@ -132,6 +199,12 @@ def auth_token() -> str | None:
 def connect(address: str | None, *, ray_train: bool = False) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray; no-op if connected.
 
+    Joining is explicit: ``auto`` (the Ray that ``ray start`` began on this machine), an address, or
+    ``RAY_ADDRESS``. Without one the command's Ray is always a new one of its own (Ray's
+    ``address="local"``), never a ``ray start`` cluster that happens to run on the machine (its
+    resources and lifetime are not the command's), nor the dead one a stale
+    ``/tmp/ray/ray_current_cluster`` names (``ray.init()`` would try to join that).
+
     The embedded Ray starts without its dashboard (about 1 s less start-up and a dozen processes,
     1.2 GB, fewer on a small machine); the commands report their own progress.
 
@@ -156,10 +229,15 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
                 "worker_process_setup_hook": "pipeline.raycluster.setup_worker",
                 "env_vars": {QUIET_WORKERS: "0" if shown else "1"},
             }
-    ray.init(address=address, logging_level=logging.INFO if shown else logging.WARNING, **embedded)
+    level = logging.INFO if shown else logging.WARNING
+    ray.init(address=address or EMBEDDED, logging_level=level, **embedded)
+    quiet_loggers()
+    if not shown:
+        _quiet_worker_output()
     _terminate_on_sigterm()  # Ray's C++ core installs its own SIGTERM handler (a stack dump)
 
 
+EMBEDDED = "local"  # ray.init's address for "start a new local Ray", whatever else runs here
 QUIET_WORKERS = "PAN_QUIET_WORKERS"
 
 
@@ -524,10 +602,9 @@ def agreed_build(choices: Any | None, kind: str, precision: str, build: Callable
     return built
 
 
-def actor_upscaler(
-    spec: Any, scale: int, threads: int, choices: Any | None, storage_options: dict[str, Any] | None = None
-) -> Any:
-    """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``:
+def actor_upscaler(spec: Any, scale: int, threads: int, choices: Any | None, files: Any) -> Any:
+    """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``,
+    its weights read through ``files`` (the job's ``storage.Files``):
     on the device the actor was given (``actor_device``), computing with ``threads`` torch threads
     on the CPU (``ActorPool.threads``), with its share of the GPU's memory (``actor_gpu_share``), in
     the precision the pool agrees on (``agreed_build``)."""
@@ -544,9 +621,7 @@ def actor_upscaler(
 
     def build(precision: str) -> Any:
         chosen = spec.model_copy(update={"precision": precision})
-        return build_upscaler(
-            chosen, scale, device=device, storage_options=storage_options, memory_share=share
-        )
+        return build_upscaler(chosen, scale, device=device, files=files, memory_share=share)
 
     return agreed_build(choices, f"x{scale} {device_kind(device)}", spec.precision, build)
 

@@ -3,7 +3,9 @@
 Layout under DEST (this module owns it, names included):
 - ``<name>``: the PNG tree, format ``png``/``both``. ``name`` comes from the input's key
   (``output_name``): ``sub/photo.jpg`` -> ``sub/photo.png``; a member ``m.jpg`` of shard
-  ``sub/s.tar`` (or ``.parquet``) -> ``sub/s/m.png``.
+  ``sub/s.tar`` (or ``.parquet``) -> ``sub/s/m.png``. A name belongs to the first input that
+  took it, across runs (``pipeline.planner``); no name lies in pan's own files below
+  (``RESERVED``).
 - ``parquet/part-<run id>-<n>.parquet``: one row per output (format ``parquet``/``both``), see
   ``PARQUET_SCHEMA``, in parts of up to ``parquet_part_rows`` rows or about ``parquet_part_bytes``
   (``PartBuffer``). A part is named by the run and its commit number, and each output's row is in
@@ -46,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DestinationError
-from pipeline.storage import filesystem, is_url, join, list_files, read_bytes, remove, reported, write_bytes
+from pipeline.storage import Files, is_url, join, reported
 
 SINKS = {"png": ("png",), "parquet": ("parquet",), "both": ("png", "parquet")}  # format -> sinks
 PARQUET_DIR = "parquet"
@@ -56,6 +58,8 @@ SUMMARY_NAME = "_summary.json"
 RECORD_NAME = "_pan.json"
 LEASE_NAME = "_lease"  # pipeline.lease: one run at a time
 STAGING_DIR = "_staging"
+# pan's own names at the top of DEST: no output may lie in or on them (``reserved_by``)
+RESERVED = (PARQUET_DIR, ERRORS_DIR, RUNS_DIR, SUMMARY_NAME, RECORD_NAME, LEASE_NAME, STAGING_DIR)
 log = logging.getLogger(__name__)
 
 PARQUET_SCHEMA = pa.schema(
@@ -93,6 +97,14 @@ def output_name(key: str, shard: str | None = None) -> str:
     return shard_prefix(shard) + stem if shard is not None else stem
 
 
+def reserved_by(name: str) -> str | None:
+    """pan's own file or folder of the destination (``RESERVED``) that output ``name`` (or a shard
+    prefix) would lie in, or None: an input ``parquet/a.jpg`` or ``_runs/x.png`` cannot have its
+    output there, since the Parquet parts and the run ledger live there."""
+    top = name.split("/", 1)[0]
+    return top if top in RESERVED else None
+
+
 def shard_prefix(shard: str) -> str:
     """The folder of a shard's outputs: ``sub/s.tar`` -> ``sub/s/``."""
     return posixpath.splitext(shard)[0] + "/"
@@ -105,22 +117,18 @@ def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
-def existing_outputs(
-    dest: str, sinks: Sequence[str], storage_options: dict[str, Any] | None = None
-) -> dict[str, frozenset[str]]:
+def existing_outputs(dest: str, sinks: Sequence[str], files: Files) -> dict[str, frozenset[str]]:
     """For each of ``sinks``, the output names it holds complete, found by listing the whole
     destination and reading the ``name`` column of every Parquet part: what ``rescan_dest`` and a
     destination without a run ledger cost, once."""
-    files = list_files(dest, storage_options)
+    listed = files.list_files(dest)
     written: dict[str, frozenset[str]] = {}
     if "png" in sinks:
-        written["png"] = frozenset(
-            f for f in files if f.endswith(".png") and not f.startswith(("_", f"{PARQUET_DIR}/"))
-        )
+        written["png"] = frozenset(f for f in listed if f.endswith(".png") and reserved_by(f) is None)
     if "parquet" in sinks:
         names: set[str] = set()
-        fs, root = filesystem(join(dest, PARQUET_DIR), storage_options)
-        for part in (f for f in files if f.startswith(f"{PARQUET_DIR}/part-") and f.endswith(".parquet")):
+        fs, root = files.filesystem(join(dest, PARQUET_DIR))
+        for part in (f for f in listed if f.startswith(f"{PARQUET_DIR}/part-") and f.endswith(".parquet")):
             with fs.open(f"{root.rstrip('/')}/{part.split('/', 1)[1]}", "rb") as f:
                 names.update(pq.read_table(f, columns=["name"]).column("name").to_pylist())
         written["parquet"] = frozenset(names)
@@ -147,10 +155,10 @@ class DestinationRecord:
         return f"x{self.scale} with weights {self.weights_id} (sha256 {self.weights_sha256[:12]})"
 
 
-def read_record(dest: str, storage_options: dict[str, Any] | None = None) -> DestinationRecord | None:
+def read_record(dest: str, files: Files) -> DestinationRecord | None:
     location = join(dest, RECORD_NAME)
     try:
-        data = json.loads(read_bytes(location, storage_options))
+        data = json.loads(files.read_bytes(location))
         fields = {f.name for f in dataclasses.fields(DestinationRecord)}
         return DestinationRecord(**{k: v for k, v in data.items() if k in fields})
     except FileNotFoundError:
@@ -161,7 +169,7 @@ def read_record(dest: str, storage_options: dict[str, Any] | None = None) -> Des
         ) from exc
 
 
-def write_record(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
+def write_record(dest: str, record: DestinationRecord, files: Files) -> None:
     from pipeline import __version__
 
     payload = {
@@ -169,16 +177,16 @@ def write_record(dest: str, record: DestinationRecord, storage_options: dict[str
         "written_by": f"pan-pipeline {__version__}",
         "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_bytes(join(dest, RECORD_NAME), (json.dumps(payload, indent=2) + "\n").encode(), storage_options)
+    files.write_bytes(join(dest, RECORD_NAME), (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def _some_visible_files(dest: str, storage_options: dict[str, Any] | None, limit: int = 4) -> list[str]:
+def _some_visible_files(dest: str, files: Files, limit: int = 4) -> list[str]:
     """Up to ``limit`` files under ``dest`` that are not hidden, nor in a hidden folder (relative
     paths); the walk stops there, so a big foreign folder costs little."""
     found: list[str] = []
     try:
         with reported(dest, "list", absent_ok=True):
-            fs, root = filesystem(dest, storage_options)
+            fs, root = files.filesystem(dest)
             if not fs.exists(root):
                 return []
             root = root.rstrip("/")
@@ -204,17 +212,17 @@ def claim_dest(
     *,
     overwrite: bool,
     run_id: str,
-    storage_options: dict[str, Any] | None = None,
+    files: Files,
 ) -> DestinationRecord:
     """Check that ``dest`` may take this run's outputs and record the run's settings there (see
     the module docstring); returns the record written. ``DestinationError`` says why not. An
     ``overwrite`` run ``run_id`` becomes the record's ``ledger_since``."""
-    record = read_record(dest, storage_options)
+    record = read_record(dest, files)
     since = run_id if overwrite else record.ledger_since if record else None
     run = dataclasses.replace(run, ledger_since=since)
     if record is None:
-        entries = _some_visible_files(dest, storage_options)
-        fs, summary = filesystem(join(dest, SUMMARY_NAME), storage_options)
+        entries = _some_visible_files(dest, files)
+        fs, summary = files.filesystem(join(dest, SUMMARY_NAME))
         legacy = fs.exists(summary)  # made by pan before destinations had records
         if entries and not legacy:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
@@ -246,16 +254,16 @@ def claim_dest(
     elif record is not None and record.replacing:
         run = dataclasses.replace(run, replacing=record.replacing)
     if run != record:
-        write_record(dest, run, storage_options)
+        write_record(dest, run, files)
     return run
 
 
-def finish_dest(dest: str, record: DestinationRecord, storage_options: dict[str, Any] | None = None) -> None:
+def finish_dest(dest: str, record: DestinationRecord, files: Files) -> None:
     """After a run that went through every input: an --overwrite that was replacing other
     settings' outputs is complete, and the temporaries of writers killed mid-run are cleared."""
-    _clear_staging(dest, storage_options)
+    _clear_staging(dest, files)
     if record.replacing:
-        write_record(dest, dataclasses.replace(record, replacing=None), storage_options)
+        write_record(dest, dataclasses.replace(record, replacing=None), files)
 
 
 def prepare_dest(
@@ -264,31 +272,31 @@ def prepare_dest(
     *,
     overwrite: bool,
     after_crash: bool,
-    storage_options: dict[str, Any] | None = None,
+    files: Files,
 ) -> None:
     """Clear what a new run replaces: the Parquet parts with ``overwrite`` (every input is redone);
     in a local destination (object stores have no temporaries), the staging folder of PNG writes;
     after a run that did not finish (``after_crash``), the hidden temporaries its other killed
     writes left (the ledger's, the Parquet parts'), which costs one listing of the destination."""
     if overwrite and "parquet" in sinks:
-        remove(join(dest, PARQUET_DIR), storage_options)
-    _clear_staging(dest, storage_options)
+        files.remove(join(dest, PARQUET_DIR))
+    _clear_staging(dest, files)
     if after_crash and not is_url(dest):
-        for rel in list_files(dest, storage_options):
+        for rel in files.list_files(dest):
             if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".part"):
-                remove(join(dest, rel), storage_options)
+                files.remove(join(dest, rel))
 
 
-def _clear_staging(dest: str, storage_options: dict[str, Any] | None) -> None:
+def _clear_staging(dest: str, files: Files) -> None:
     """Remove ``STAGING_DIR``: what is left there belongs to writers that died (one run at a time
     holds the destination). Object stores have no temporaries, hence no such folder."""
     if not is_url(dest):
-        remove(join(dest, STAGING_DIR), storage_options)
+        files.remove(join(dest, STAGING_DIR))
 
 
-def write_png(dest: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+def write_png(dest: str, name: str, data: bytes, files: Files) -> None:
     """One file of the PNG tree, its temporary kept out of the tree (``STAGING_DIR``)."""
-    write_bytes(join(dest, name), data, storage_options, staging=join(dest, STAGING_DIR))
+    files.write_bytes(join(dest, name), data, staging=join(dest, STAGING_DIR))
 
 
 def part_name(run_id: str, commit: int) -> str:
@@ -314,14 +322,14 @@ class PartBuffer:
     def full(self) -> bool:
         return len(self.rows) >= self.max_rows or self.bytes >= self.max_bytes
 
-    def write(self, dest: str, name: str, storage_options: dict[str, Any] | None = None) -> None:
+    def write(self, dest: str, name: str, files: Files) -> None:
         """Write the rows gathered as part ``name`` and start a new part. PNG bytes do not
         compress: that column is stored as is."""
         table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
         data = parquet_bytes(
             table, compression={c: "none" if c == "png" else "snappy" for c in table.column_names}
         )
-        write_bytes(join(dest, name), data, storage_options)
+        files.write_bytes(join(dest, name), data)
         self.rows, self.bytes = [], 0
 
 
@@ -330,15 +338,13 @@ def write_errors(
     run_id: str,
     commit: int,
     errors: Sequence[dict[str, Any]],
-    storage_options: dict[str, Any] | None = None,
+    files: Files,
 ) -> None:
     """Rows of the errors table (dicts with ERRORS_SCHEMA's fields; ``input_sha256`` is None when
     the bytes could not be read), as one file of a run's commit."""
     table = pa.Table.from_pylist(list(errors), schema=ERRORS_SCHEMA)
-    write_bytes(
-        join(dest, f"{ERRORS_DIR}/{run_id}-{commit:05d}.parquet"), parquet_bytes(table), storage_options
-    )
+    files.write_bytes(join(dest, f"{ERRORS_DIR}/{run_id}-{commit:05d}.parquet"), parquet_bytes(table))
 
 
-def write_summary(dest: str, summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
-    write_bytes(join(dest, SUMMARY_NAME), (json.dumps(summary, indent=2) + "\n").encode(), storage_options)
+def write_summary(dest: str, summary: dict[str, Any], files: Files) -> None:
+    files.write_bytes(join(dest, SUMMARY_NAME), (json.dumps(summary, indent=2) + "\n").encode())

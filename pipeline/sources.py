@@ -11,6 +11,13 @@ makes runs idempotent.
 Each unit carries the size and version (ETag, else modification time) the listing gave: what the
 run ledger compares to find new and changed inputs (``pipeline.ledger``).
 
+What is not an input is counted, never dropped unseen (``Listing``): hidden files and folders (a
+path part starting with ``.``: editors' and systems' own files, ``.DS_Store``, ``.git``) and files
+of other types (by extension: not an image, ``.parquet`` or ``.tar``). Names starting with ``_``
+are inputs like any other (``_DSC0001.JPG`` is how cameras name Adobe RGB files); pan's own files
+live in the destination, which lies outside the source or, where it may lie inside, is left out
+by its path (``exclude``).
+
 Each unit knows, per sink, which of its output names are already written (``written``); a row
 carries the sinks it still has to be written to (``sinks``), so an input half done by an earlier
 run (its PNG written but not its Parquet row, say) is finished without writing anything twice.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.imaging import IMAGE_SUFFIXES
 from pipeline.sinks import output_name, shard_prefix
-from pipeline.storage import filesystem, join, reported
+from pipeline.storage import Files, join, reported
 
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
 
@@ -46,6 +54,9 @@ class InputUnit:
     version: str = ""  # ETag, else modification time: changes when the file does
     # sink -> this unit's output names already written there (for a shard: its members')
     written: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # a shard's member output names that other inputs own (name -> the owner's key): those members
+    # are collisions (``pipeline.planner``)
+    taken: Mapping[str, str] = field(default_factory=dict)
 
 
 def file_version(info: Mapping[str, Any]) -> str:
@@ -74,16 +85,30 @@ def missing_sinks(name: str, sinks: Sequence[str], written: Mapping[str, frozens
     return tuple(s for s in sinks if name not in written.get(s, ()))
 
 
-def list_inputs(
-    source: str, storage_options: dict[str, Any] | None = None, *, exclude: str | None = None
-) -> list[InputUnit]:
-    """Every readable input under ``source`` (a folder or a single file), sorted by path.
+HIDDEN = "hidden"  # a file or folder whose name starts with "."
+OTHER = "other"  # not an image, .parquet or .tar by its extension
+EXAMPLES_KEPT = 3
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A source's files: the inputs (``units``, sorted by path), and the files that are not inputs,
+    counted by why (``ignored``: ``HIDDEN``, ``OTHER``) with a few of their paths (``examples``)."""
+
+    units: list[InputUnit]
+    ignored: Mapping[str, int] = field(default_factory=dict)
+    examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def list_inputs(source: str, files: Files, *, exclude: str | None = None) -> Listing:
+    """Every input under ``source`` (a folder or a single file), sorted by path, and what else the
+    source holds (see the module docstring).
 
     ``exclude``: a folder under ``source`` (relative, posix) whose files are not inputs: a
-    destination inside the source.
+    destination inside the source (pan's own files: neither listed nor counted).
     """
     with reported(source, "list"):
-        fs, root = filesystem(source, storage_options)
+        fs, root = files.filesystem(source)
         if not fs.exists(root):
             raise PipelineError(f"source not found: {source}")
         if fs.isfile(root):
@@ -91,27 +116,29 @@ def list_inputs(
             if kind is None:
                 raise PipelineError(f"{source} is not an image, a .parquet or a .tar shard")
             info = fs.info(root)
-            return [
-                InputUnit(
-                    source, posixpath.basename(root), kind, int(info.get("size") or 0), file_version(info)
-                )
-            ]
+            unit = InputUnit(
+                source, posixpath.basename(root), kind, int(info.get("size") or 0), file_version(info)
+            )
+            return Listing([unit])
         root = root.rstrip("/")
         listing = fs.find(root, detail=True)
     units = []
+    ignored: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     for path in sorted(listing):
         rel = path[len(root) :].lstrip("/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue  # hidden files and our own metadata (_errors, _summary.json) are not inputs
         if exclude and (rel == exclude or rel.startswith(exclude.rstrip("/") + "/")):
             continue
         kind = kind_of(rel)
-        if kind is not None:
-            info = listing[path]
-            units.append(
-                InputUnit(join(source, rel), rel, kind, int(info.get("size") or 0), file_version(info))
-            )
-    return units
+        why = HIDDEN if any(part.startswith(".") for part in rel.split("/")) else None if kind else OTHER
+        if why:
+            ignored[why] += 1
+            if len(examples.setdefault(why, [])) < EXAMPLES_KEPT:
+                examples[why].append(rel)
+            continue
+        info = listing[path]
+        units.append(InputUnit(join(source, rel), rel, kind, int(info.get("size") or 0), file_version(info)))
+    return Listing(units, dict(ignored), {k: tuple(v) for k, v in examples.items()})
 
 
 @dataclass(frozen=True)
@@ -131,18 +158,19 @@ class InputRow:
 COLLISION = "OutputNameCollision"
 
 
-def collision_message(key: str, name: str) -> str:
-    return f"{key}: its output name {name} is taken by another input; rename one of them"
+def collision_message(key: str, name: str, owner: str, advice: str = "rename one of them") -> str:
+    """Why input ``key`` gets no output: its output ``name`` (or shard prefix) is taken by
+    ``owner`` ("the input a.png", "pan's own folder _runs/ of the destination")."""
+    return f"{key}: its output name {name} is taken by {owner}; {advice}"
 
 
-def read_unit(
-    unit: InputUnit, sinks: Sequence[str], image_column: str, storage_options: dict[str, Any]
-) -> Iterator[InputRow]:
+def read_unit(unit: InputUnit, sinks: Sequence[str], image_column: str, files: Files) -> Iterator[InputRow]:
     """Rows of raw bytes for one unit, each with the ``sinks`` that still lack its output; a unit
-    that cannot be read yields one error row. Shard members whose output name an earlier member
-    took (``x/a.png`` and ``y/a.png`` of a Parquet shard) become error rows, never a second output."""
-    fs, path = filesystem(unit.url, storage_options)
-    seen: set[str] = set()
+    that cannot be read yields one error row. Shard members whose output name another input owns
+    (``unit.taken``) or an earlier member took (``x/a.png`` and ``y/a.png`` of a Parquet shard)
+    become error rows, never a second output."""
+    fs, path = files.filesystem(unit.url)
+    seen: dict[str, str] = {}  # output name -> the member that took it
     try:
         if unit.kind == "image":
             name = output_name(unit.rel)
@@ -152,12 +180,12 @@ def read_unit(
         else:
             rows = _tar_rows(unit, sinks, fs.cat_file(path))
         for row in rows:
-            if row.name in seen:
-                yield InputRow(
-                    row.key, row.name, None, tuple(sinks), COLLISION, collision_message(row.key, row.name)
-                )
+            owner = unit.taken.get(row.name) or seen.get(row.name)
+            if owner:
+                message = collision_message(row.key, row.name, f"the input {owner}")
+                yield InputRow(row.key, row.name, None, tuple(sinks), COLLISION, message)
                 continue
-            seen.add(row.name)
+            seen[row.name] = row.key
             yield row
     except (OSError, ValueError, tarfile.TarError, PipelineError) as exc:
         # pyarrow raises ArrowInvalid (a ValueError) for damaged Parquet; fsspec raises OSError.

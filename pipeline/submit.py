@@ -10,15 +10,20 @@ Its code comes from one of two places (``--runtime-env``):
   only the spec file travels, as the job's working directory.
 - ``working-dir``: this checkout's package (``pipeline/``, nothing else of the checkout: not its
   outputs, runs, data or virtualenvs) travels with it, with the pinned versions of
-  ``requirements.lock`` installed by Ray in a virtualenv; the entrypoint is ``python -m pipeline``.
+  ``requirements.lock`` installed by Ray in a virtualenv.
+Either way the entrypoint is ``python -m pipeline run SPEC`` (``ENTRYPOINT``): it needs the
+cluster's ``python`` to be the environment pan is installed in (the image's is), not a ``pan``
+script on the head's PATH.
 
 The driver asks for one CPU and no GPU (``entrypoint_num_cpus``/``entrypoint_num_gpus``): GPUs
 are for the model actors.
 
 Submission ids say what runs: ``pan-<spec name>-<hash of the settings>``, plus ``-<UTC date>`` for
-a spec with a ``schedule``. Submitting what already has an id attaches to that job instead of
-starting a second one (the same nightly run twice a day, a retraining that is still going). Only
-when the last attempt failed or was stopped does a new attempt start, as ``<id>-2``, ``<id>-3``...
+a spec with a ``schedule``. A submission attaches to the job of its id while that job is pending or
+running (a retraining still going is not started twice). Once it has ended, a new attempt starts,
+as ``<id>-2``, ``<id>-3``...: the upscale job is incremental, so running it again is cheap and takes
+what is new. One exception keeps a schedule's meaning: a scheduled spec whose run of the day
+succeeded is not run again that day, unless asked (``again``).
 
 Token authentication: a token in ``RAY_AUTH_TOKEN`` (or the file ``RAY_AUTH_TOKEN_PATH``) is sent
 as ``Authorization: Bearer``; see ``raycluster.auth_token``.
@@ -47,6 +52,7 @@ import yaml
 
 from pipeline.errors import ClusterError, SettingsError
 from pipeline.jobspec import Spec
+from pipeline.raycluster import job_log_lines
 
 RUNTIME_ENVS = ("installed", "working-dir")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when pan runs from one
@@ -59,8 +65,11 @@ _ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 @dataclass(frozen=True)
 class Submission:
     submission_id: str
-    started: bool  # False: an existing job was attached to
+    started: bool  # False: an existing job was attached to (pending or running), or already done today
     status: str
+
+
+ENTRYPOINT = ("python", "-m", "pipeline", "run")  # + the spec file: independent of the head's PATH
 
 
 def dashboard_address(address: str | None) -> str:
@@ -89,8 +98,9 @@ def client(address: str | None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.raycluster import auth_token
+    from pipeline.raycluster import auth_token, quiet_loggers
 
+    quiet_loggers()
     url = dashboard_address(address)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -131,13 +141,11 @@ def staged_job(spec: Spec, mode: str, staging: Path) -> tuple[str, dict[str, Any
 
     What travels is the validated spec, resolved (``--set`` applied, local paths absolute as they
     were here), so the cluster runs exactly the settings that were checked. ``working-dir`` adds a
-    copy of this checkout's ``pipeline/`` package, all the job runs, and the pins of
-    ``requirements.lock``. (Until 2026-11-27 it copied the whole checkout but .venv and caches, and
-    so shipped the README's ``out/``, benchmark virtualenvs, whatever a user kept there.)"""
+    copy of this checkout's ``pipeline/`` package, all the job runs (nothing else of the checkout:
+    its outputs, data and virtualenvs stay here), and the pins of ``requirements.lock``."""
     if mode not in RUNTIME_ENVS:
         raise SettingsError(f"--runtime-env must be one of {', '.join(RUNTIME_ENVS)}, not {mode!r}")
     env: dict[str, Any] = {"working_dir": str(staging)}
-    command = ["pan"]
     if mode == "working-dir":
         lock = PROJECT_ROOT / LOCK_FILE
         if not (PROJECT_ROOT / "pyproject.toml").is_file() or not lock.is_file():
@@ -150,15 +158,18 @@ def staged_job(spec: Spec, mode: str, staging: Path) -> tuple[str, dict[str, Any
         env["pip"] = [
             line.strip() for line in lock.read_text().splitlines() if line.strip()[:1] not in ("", "#")
         ]
-        command = ["python", "-m", "pipeline"]
     spec_file = f"{spec.name}.yaml"
     header = f"# {spec.path} as validated by pan submit{''.join(f' --set {s}' for s in spec.sets)}\n"
     (staging / spec_file).write_text(header + yaml.safe_dump(spec.settings(), sort_keys=False))
-    return shlex.join([*command, "run", spec_file]), env
+    return shlex.join([*ENTRYPOINT, spec_file]), env
 
 
-def submit(spec: Spec, *, address: str | None, runtime_env: str = "installed") -> Submission:
-    """Start the spec's job on the cluster, or attach to the one already there (see the module)."""
+def submit(
+    spec: Spec, *, address: str | None, runtime_env: str = "installed", again: bool = False
+) -> Submission:
+    """Start the spec's job on the cluster, or attach to its job while that one is pending or
+    running; a scheduled spec that already succeeded today is left alone unless ``again`` (see
+    the module docstring)."""
     jobs = client(address)
     base = submission_id(spec)
     attempts = sorted(
@@ -166,9 +177,12 @@ def submit(spec: Spec, *, address: str | None, runtime_env: str = "installed") -
         key=lambda pair: pair[0],
     )
     attempts = [(n, j) for n, j in attempts if n]
-    if attempts and status_of(attempts[-1][1]) not in ("FAILED", "STOPPED"):
+    if attempts:
         last = attempts[-1][1]
-        return Submission(last.submission_id, False, status_of(last))
+        status = status_of(last)
+        done_today = status == "SUCCEEDED" and spec.schedule is not None and not again
+        if status in ("PENDING", "RUNNING") or done_today:
+            return Submission(last.submission_id, False, status)
     job_id = base if not attempts else f"{base}-{attempts[-1][0] + 1}"
     with tempfile.TemporaryDirectory(prefix="pan-submit-") as staging:
         command, env = staged_job(spec, runtime_env, Path(staging))
@@ -221,7 +235,7 @@ def wait(jobs, job_id: str, *, follow: bool, out: TextIO = sys.stdout, err: Text
     if status == "SUCCEEDED":
         return 0
     if not follow:
-        tail = jobs.get_job_logs(job_id).rstrip().splitlines()[-LOG_TAIL_LINES:]
+        tail = job_log_lines(jobs.get_job_logs(job_id)).rstrip().splitlines()[-LOG_TAIL_LINES:]
         print(f"--- last {len(tail)} lines of the job's logs ---", file=err)
         print("\n".join(tail), file=err, flush=True)
     if info.message:
@@ -230,9 +244,15 @@ def wait(jobs, job_id: str, *, follow: bool, out: TextIO = sys.stdout, err: Text
 
 
 async def _stream_logs(jobs, job_id: str, out: TextIO) -> None:
+    """The job's logs as they come, whole lines at a time, Ray's own left out (``job_log_lines``)."""
+    pending = ""
     async for chunk in jobs.tail_job_logs(job_id):
-        out.write(chunk)
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+        out.write(job_log_lines("".join(lines)))
         out.flush()
+    out.write(job_log_lines(pending))
+    out.flush()
 
 
 def list_rows(jobs) -> list[dict[str, str]]:

@@ -32,7 +32,7 @@ import torch
 from pipeline.errors import PipelineError, SettingsError
 from pipeline.jobspec import TrainJob
 from pipeline.model import PAN, PANConfig
-from pipeline.storage import check_writable, join, list_files, read_bytes, upload_dir, write_bytes
+from pipeline.storage import Files, join
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +55,7 @@ class _RunFiles:
         self.records: list[dict[str, Any]] = []
         if resumed_step:
             try:
-                text = read_bytes(join(job.run_dir, METRICS_FILE), job.storage_options).decode()
+                text = job.files.read_bytes(join(job.run_dir, METRICS_FILE)).decode()
             except FileNotFoundError:
                 text = ""
             rows = (json.loads(line) for line in text.splitlines() if line.strip())
@@ -63,10 +63,9 @@ class _RunFiles:
 
     def flush(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        write_bytes(join(self.job.run_dir, METRICS_FILE), text.encode(), self.job.storage_options)
-        write_bytes(
-            join(self.job.run_dir, CURVE_FILE), learning_curve_png(self.records), self.job.storage_options
-        )
+        files = self.job.files
+        files.write_bytes(join(self.job.run_dir, METRICS_FILE), text.encode())
+        files.write_bytes(join(self.job.run_dir, CURVE_FILE), learning_curve_png(self.records))
 
 
 @dataclasses.dataclass
@@ -151,10 +150,10 @@ def learning_curve_png(records: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def _export(model: PAN, location: str, storage_options: dict[str, Any]) -> None:
+def _export(model: PAN, location: str, files: Files) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        upload_dir(tmp, location, storage_options)
+        files.upload_dir(tmp, location)
 
 
 def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, float]:
@@ -162,11 +161,9 @@ def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, flo
     from pipeline.evaluate import evaluate
     from pipeline.jobspec import InferenceSpec
 
-    report = evaluate(
-        build_upscaler(InferenceSpec(precision="fp32"), model.scale, model=model, device=str(device)),
-        "val",
-        pairs,
-    )
+    spec = InferenceSpec(precision="fp32")
+    upscaler = build_upscaler(spec, model.scale, files=None, model=model, device=str(device))
+    report = evaluate(upscaler, "val", pairs)
     return report.psnr_y, report.ssim_y
 
 
@@ -178,6 +175,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from pipeline.datasets import PatchDataset, open_pairs
     from pipeline.evaluate import load_benchmark
+    from pipeline.raycluster import say
     from pipeline.weights import load_pretrained
 
     job = TrainJob(**config)
@@ -186,7 +184,9 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(job.seed + rank)
 
-    model = load_pretrained(job.init_weights, scale=job.scale) if job.init_weights else PAN(scale=job.scale)
+    files = job.files
+    model = load_pretrained(job.init_weights, scale=job.scale, files=files) if job.init_weights else None
+    model = model or PAN(scale=job.scale)
     # On the device before the optimizer exists: a resumed optimizer's state is loaded onto its
     # parameters' device, and moving the model afterwards (prepare_model) would leave that state on
     # the CPU (Adam then fails on a GPU: "found at least two devices, cuda:0 and cpu").
@@ -215,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
     files = _RunFiles(job, training.step) if rank == 0 else None
     training.model = model = ray.train.torch.prepare_model(model)
 
-    pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data)
+    pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data, files=files)
     dataset = PatchDataset(
         pairs, job.scale, job.patch_size, five_crop=job.five_crop, cache_images=job.cache_images
     )
@@ -226,7 +226,7 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler: each worker its shard
     if len(loader) == 0:
         raise PipelineError(f"{job.data} has too few images for a batch of {per_worker} per worker")
-    val_pairs = load_benchmark(job.val_data, job.scale)[1] if job.val_data and rank == 0 else []
+    val_pairs = load_benchmark(job.val_data, job.scale, files=files)[1] if job.val_data and rank == 0 else []
     scheduler, scaler = training.scheduler, training.scaler
 
     loop_start = started = time.perf_counter()
@@ -252,7 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and step % job.log_every == 0:
                 rate = done_since_log * per_worker * world / (time.perf_counter() - started)
                 loss_text = f"loss {record['loss']:.5f} lr {record['lr']:.2e}"
-                print(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s", flush=True)
+                say(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s")
                 started, done_since_log = time.perf_counter(), 0
             if step % job.val_every == 0 or step == job.max_steps:
                 _checkpoint(job, training, record, rank=rank, val_pairs=val_pairs, files=files)
@@ -262,7 +262,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
         epoch += 1
     if rank == 0:
-        _export(training.scored, join(job.run_dir, "export"), job.storage_options)
+        _export(training.scored, join(job.run_dir, "export"), job.files)
 
 
 def _unwrap(model: torch.nn.Module) -> PAN:
@@ -296,7 +296,7 @@ def _checkpoint(
                 scored.train()
                 if metrics["val_psnr_y"] > training.best:
                     training.best = metrics["val_psnr_y"]
-                    _export(scored, join(job.run_dir, "export-best"), job.storage_options)
+                    _export(scored, join(job.run_dir, "export-best"), job.files)
             torch.save(training.state_dict(), Path(tmp) / STATE_FILE)
             files.records.append(metrics)
             files.flush()
@@ -313,7 +313,7 @@ def model_config(job: TrainJob) -> PANConfig:
     if job.init_weights:
         from pipeline.weights import load_pretrained
 
-        return load_pretrained(job.init_weights, scale=job.scale, storage_options=job.storage_options).config
+        return load_pretrained(job.init_weights, scale=job.scale, files=job.files).config
     return PANConfig(scale=job.scale)
 
 
@@ -328,7 +328,7 @@ def claim_run(job: TrainJob, config: PANConfig) -> None:
     models."""
     location = join(job.run_dir, RUN_FILE)
     try:
-        recorded = json.loads(read_bytes(location, job.storage_options)).get("model", {})
+        recorded = json.loads(job.files.read_bytes(location)).get("model", {})
     except FileNotFoundError:
         recorded = None
     except (ValueError, AttributeError) as exc:
@@ -337,16 +337,14 @@ def claim_run(job: TrainJob, config: PANConfig) -> None:
         ) from exc
     if recorded == config.to_dict():
         return
-    resumable = any(f.startswith("checkpoint_") for f in list_files(job.run_dir, job.storage_options))
+    resumable = any(f.startswith("checkpoint_") for f in job.files.list_files(job.run_dir))
     if recorded is not None and resumable:
         raise SettingsError(
             f"run {job.run_dir} trains PAN {_describe(recorded)}, but this resume asks for "
             f"{_describe(config.to_dict())}; resume it with its own settings, or give a new --name"
         )
     # A new run, or one that never reached a checkpoint: this run's model is the run's.
-    write_bytes(
-        location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode(), job.storage_options
-    )
+    job.files.write_bytes(location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode())
 
 
 def run_training(job: TrainJob):
@@ -361,13 +359,12 @@ def run_training(job: TrainJob):
 
     from pipeline.datasets import open_pairs
     from pipeline.raycluster import connect, user_error, verbose
-    from pipeline.storage import pyarrow_filesystem
 
-    open_pairs(job.data, job.scale, lr_source=job.lr_data)
+    open_pairs(job.data, job.scale, lr_source=job.lr_data, files=job.files)
     if job.val_data:
-        open_pairs(job.val_data, job.scale)
+        open_pairs(job.val_data, job.scale, files=job.files)
     config = model_config(job)
-    check_writable(job.storage, job.storage_options)
+    job.files.check_writable(job.storage)
     claim_run(job, config)
     # Ray Train copies each print of a worker to the logs as well, which showed every step twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -376,7 +373,7 @@ def run_training(job: TrainJob):
     connect(job.address, ray_train=True)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
-    filesystem, storage_path = pyarrow_filesystem(job.storage, job.storage_options)
+    filesystem, storage_path = job.files.pyarrow_filesystem(job.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job.model_dump(),

@@ -45,8 +45,8 @@ from pipeline.raycluster import (
     model_stage,
 )
 from pipeline.sinks import output_name
-from pipeline.sources import COLLISION, InputUnit, collision_message, read_unit
-from pipeline.storage import check_listable, check_writable, is_within, join, location_key, remove
+from pipeline.sources import COLLISION, InputUnit, read_unit
+from pipeline.storage import Files, is_within, join, location_key
 
 # -- stages (each runs in Ray tasks/actors on batches: dict of column -> numpy array) ---------------
 
@@ -75,19 +75,22 @@ def _image(value: Any) -> DecodedImage | None:
 
 
 def read_stage(
-    batch: dict[str, np.ndarray], sinks: tuple[str, ...], image_column: str, storage_options: dict[str, Any]
+    batch: dict[str, np.ndarray], wanted: tuple[str, ...], image_column: str, files: Files
 ) -> dict:
     """Source files -> one row per input, with its raw bytes and what the run ledger needs to know
     of the file it came from (``unit*``)."""
     out = []
     for unit in _rows(batch):
         written = {s: frozenset(names) for s, names in json.loads(unit["written"]).items()}
-        unit_obj = InputUnit(unit["url"], unit["rel"], unit["kind"], unit["size"], unit["version"], written)
-        rows = list(read_unit(unit_obj, sinks, image_column, storage_options))
+        taken = json.loads(unit["taken"])
+        unit_obj = InputUnit(
+            unit["url"], unit["rel"], unit["kind"], unit["size"], unit["version"], written, taken
+        )
+        rows = list(read_unit(unit_obj, wanted, image_column, files))
         for r in rows:
             out.append(
                 {"key": r.key, "name": r.name, "data": r.data or b"", "sinks": ",".join(r.sinks),
-                 "done_sinks": ",".join(s for s in sinks if r.name in written.get(s, ())),
+                 "done_sinks": ",".join(s for s in wanted if r.name in written.get(s, ())),
                  "unit": unit["rel"], "unit_size": unit["size"], "unit_version": unit["version"],
                  "unit_rows": len(rows),
                  "input_sha256": hashlib.sha256(r.data).hexdigest() if r.data else "",
@@ -122,7 +125,7 @@ class UpscaleActor:
     actors agree on one precision per kind of device (``choices``: ``raycluster.precision_choices``)."""
 
     def __init__(self, job: UpscaleJob, threads: int, choices: Any | None = None) -> None:
-        self.upscaler = actor_upscaler(job, job.scale, threads, choices, job.storage_options)
+        self.upscaler = actor_upscaler(job, job.scale, threads, choices, job.files)
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
         # runs the other. The engine computes one call at a time anyway; holding the turn here
         # too keeps a call's waiting out of its rows' seconds.
@@ -199,9 +202,7 @@ def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bo
     return _batch(rows)
 
 
-def write_stage(
-    batch: dict[str, np.ndarray], dest: str, overwrite: bool, storage_options: dict[str, Any]
-) -> dict:
+def write_stage(batch: dict[str, np.ndarray], dest: str, overwrite: bool, files: Files) -> dict:
     """Write each finished row's PNG where the PNG tree lacks it, and pass every row on to the
     driver, which records it in the run ledger with its Parquet row (``pipeline.ledger``): a PNG
     is always written before its entry. A sink that cannot be written raises ``StorageError``,
@@ -210,11 +211,11 @@ def write_stage(
     for row in rows:
         wanted = row["sinks"].split(",") if row["sinks"] else []
         if "png" in wanted and not row["error_type"]:
-            sinks.write_png(dest, row["name"], row["data"], storage_options)
+            sinks.write_png(dest, row["name"], row["data"], files)
         if (
             row["error_type"] and overwrite and "png" in wanted
         ):  # no output made now: none of the old settings stays
-            remove(join(dest, row["name"]), storage_options)
+            files.remove(join(dest, row["name"]))
         if "parquet" not in wanted or row["error_type"]:
             row["data"] = b""  # the driver needs the PNG only for the Parquet row
         row.pop("image", None)
@@ -229,7 +230,7 @@ def _weights_identity(job: UpscaleJob) -> tuple[str, str]:
     """Load the weights once on the driver: fails fast on bad weights and names them for the sink."""
     from pipeline.weights import load_pretrained
 
-    info = load_pretrained(job.weights, scale=job.scale, storage_options=job.storage_options).weights_info
+    info = load_pretrained(job.weights, scale=job.scale, files=job.files).weights_info
     return info.id, info.sha256
 
 
@@ -266,10 +267,10 @@ def preflight(job: UpscaleJob) -> Preflight:
     """Every check that needs no Ray, cheapest first; raises the ``PipelineError`` that names the
     problem (see the module docstring). The destination is claimed afterwards, under the lease."""
     exclude = check_locations(job)
-    if not check_listable(job.source, job.storage_options):
+    if not job.files.check_listable(job.source):
         raise PipelineError(f"source not found: {job.source}")
     weights_id, weights_sha256 = _weights_identity(job)
-    check_writable(job.dest, job.storage_options)
+    job.files.check_writable(job.dest)
     return Preflight(sinks.DestinationRecord(job.scale, weights_id, weights_sha256), exclude)
 
 
@@ -295,12 +296,13 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: ActorPool):
 
     items = [
         {"url": u.url, "rel": u.rel, "kind": u.kind, "size": u.size, "version": u.version,
-         "written": json.dumps({s: sorted(names) for s, names in u.written.items()})}
+         "written": json.dumps({s: sorted(names) for s, names in u.written.items()}),
+         "taken": json.dumps(dict(u.taken))}
         for u in todo
     ]  # fmt: skip
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
-    read_args = {"sinks": job.sinks, "image_column": job.image_column, "storage_options": job.storage_options}
-    write_args = {"dest": job.dest, "overwrite": job.overwrite, "storage_options": job.storage_options}
+    read_args = {"wanted": job.sinks, "image_column": job.image_column, "files": job.files}
+    write_args = {"dest": job.dest, "overwrite": job.overwrite, "files": job.files}
     encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
     decoded = (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size))
@@ -333,10 +335,10 @@ def run_upscale(
     lease = Lease(
         join(job.dest, sinks.LEASE_NAME),
         new_run_id(),
+        job.files,
         ttl_s=job.lease_seconds,
         wait=job.wait_for_lease,
         on_wait=on_lease_wait,
-        storage_options=job.storage_options,
     )
     with lease:
         return _run_leased(job, checked, lease, started, on_progress)
@@ -346,9 +348,7 @@ def _run_leased(
     job: UpscaleJob, checked: Preflight, lease: Lease, started: float, on_progress: ProgressCallback | None
 ) -> dict[str, Any]:
     run_id = lease.run_id
-    record = sinks.claim_dest(
-        job.dest, checked.run, overwrite=job.overwrite, run_id=run_id, storage_options=job.storage_options
-    )
+    record = sinks.claim_dest(job.dest, checked.run, overwrite=job.overwrite, run_id=run_id, files=job.files)
     work = plan(job, checked.exclude, since=record.ledger_since)
     if work.todo:
         connect(job.address)
@@ -357,14 +357,14 @@ def _run_leased(
         job.sinks,
         overwrite=job.overwrite,
         after_crash=bool(work.unfinished_runs),
-        storage_options=job.storage_options,
+        files=job.files,
     )
     log = RunLog(
         job.dest,
         run_id,
         sinks.PartBuffer(job.parquet_part_rows, job.parquet_part_bytes),
         before_commit=lease.check,
-        storage_options=job.storage_options,
+        files=job.files,
     )
     log.start({"job": job.model_dump(mode="json"), "destination": dataclasses.asdict(record),
                "package_version": __version__})  # fmt: skip
@@ -397,7 +397,7 @@ def _run_leased(
             "cpu": pool.size * per_actor_cpus * hours,
         }
     counts, pixels = recorder.counts, recorder.pixels
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - lease.waited_s  # waiting for another run is not this run's
     summary = {
         "run_id": run_id,
         "inputs": counts.total(),
@@ -407,6 +407,8 @@ def _run_leased(
         "given_up": counts["given_up"],  # failed max_attempts times before: not tried again
         "suspect": recorder.suspect,  # succeeded, but flagged by the quality gate (see _errors)
         "files": {k: work.units[k] for k in ("new", "changed", "retried", "unfinished", "redone")},
+        "ignored": dict(work.ignored),  # files of the source that are not inputs: hidden, other types
+        "ignored_examples": {k: list(v) for k, v in work.ignored_examples.items()},
         "precision": dict(recorder.precisions),  # outputs by the precision PAN ran in
         "input_megapixels": pixels["input"] / 1e6,
         "output_megapixels": pixels["output"] / 1e6,
@@ -416,8 +418,8 @@ def _run_leased(
     }
     lease.check()
     log.finish(summary)
-    sinks.write_summary(job.dest, summary, job.storage_options)
-    sinks.finish_dest(job.dest, record, job.storage_options)
+    sinks.write_summary(job.dest, summary, job.files)
+    sinks.finish_dest(job.dest, record, job.files)
     return summary
 
 
@@ -468,7 +470,7 @@ class Recorder:
     def collision(self, collision: Collision) -> None:
         row = self._unit_row(collision.unit, collision.unit.rel, collision.name)
         self.work.attempts.setdefault(row["key"], collision.attempts)
-        self._failed(row, COLLISION, collision_message(collision.unit.rel, collision.name))
+        self._failed(row, COLLISION, collision.message)
 
     def adopt(self, unit: InputUnit, done: tuple[str, ...]) -> None:
         """An input a rescan found finished in every sink."""

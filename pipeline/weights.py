@@ -33,7 +33,7 @@ from pipeline.errors import WeightsError
 from pipeline.hub import is_repo_id, unreachable_reason
 from pipeline.jobspec import DEFAULT_WEIGHTS, SCALES
 from pipeline.model import PAN, PANConfig
-from pipeline.storage import filesystem, read_bytes
+from pipeline.storage import Files
 
 CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -125,19 +125,19 @@ class _Located:
     scale_hint: int | None  # the scale the layout itself names (a per-scale file name)
 
 
-def _read_url(url: str, storage_options: dict[str, Any]) -> bytes:
+def _read_url(url: str, files: Files) -> bytes:
     try:
-        return read_bytes(url, storage_options)
+        return files.read_bytes(url)
     except FileNotFoundError as exc:
         raise WeightsError(f"weights file not found: {url}") from exc
     except Exception as exc:  # fsspec back-ends raise their own types (botocore, aiohttp, ...)
         raise WeightsError(f"cannot read weights from {url}: {type(exc).__name__}: {exc}") from exc
 
 
-def _locate_fsspec(source: str, scale: int, storage_options: dict[str, Any]) -> _Located:
+def _locate_fsspec(source: str, scale: int, files: Files) -> _Located:
     if source.lower().endswith(WEIGHT_SUFFIXES):
-        return _Located(source, _read_url(source, storage_options), None, None)
-    fs, root = filesystem(source, storage_options)
+        return _Located(source, _read_url(source, files), None, None)
+    fs, root = files.filesystem(source)
     protocol = source.split("://", 1)[0]
     for name in (safetensors_name(scale), pt_name(scale)):
         path = f"{root.rstrip('/')}/{name}"
@@ -145,7 +145,7 @@ def _locate_fsspec(source: str, scale: int, storage_options: dict[str, Any]) -> 
             url = f"{protocol}://{path}"
             config_path = f"{root.rstrip('/')}/{CONFIG_NAME}"
             config = json.loads(fs.cat_file(config_path)) if fs.exists(config_path) else None
-            return _Located(url, _read_url(url, storage_options), config, scale)
+            return _Located(url, _read_url(url, files), config, scale)
     raise WeightsError(
         f"{source} is neither a weights file ({', '.join(WEIGHT_SUFFIXES)}) nor a folder holding "
         f"{safetensors_name(scale)} or {pt_name(scale)}"
@@ -202,10 +202,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _locate(
     source: str, scale: int, revision: str | None, cache_dir: str | None,
-    storage_options: dict[str, Any],
+    files: Files,
 ) -> _Located:  # fmt: skip
     if "://" in source and not source.startswith("file://"):
-        return _locate_fsspec(source, scale, storage_options)
+        return _locate_fsspec(source, scale, files)
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
         return _locate_folder(path, scale)
@@ -289,9 +289,10 @@ def load_pretrained(
     scale: int,
     revision: str | None = None,
     cache_dir: str | None = None,
-    storage_options: dict[str, Any] | None = None,
+    files: Files | None = None,
 ) -> PAN:
-    """A PAN in eval mode on the CPU with the weights at ``source`` (see the module docstring).
+    """A PAN in eval mode on the CPU with the weights at ``source`` (see the module docstring);
+    URLs are read through ``files`` (a job's ``Files``: its storage options; default, none).
 
     Raises ``WeightsError`` naming the problem: not found, unreadable, not PAN, trained for
     another scale, or missing/unexpected keys.
@@ -299,7 +300,7 @@ def load_pretrained(
     if scale not in SCALES:
         raise WeightsError(f"scale must be one of {SCALES}, got {scale}")
     source = DEFAULT_WEIGHTS if source is None else os.fspath(source)
-    located = _locate(source, scale, revision, cache_dir, storage_options or {})
+    located = _locate(source, scale, revision, cache_dir, files or Files())
     sha256 = hashlib.sha256(located.data).hexdigest()
     state = unwrap_state_dict(_deserialize(located), located.file)
 

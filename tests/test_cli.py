@@ -148,6 +148,49 @@ def test_weights_table(capsys):
     assert "PANx2_DF2K" in capsys.readouterr().out
 
 
+BAD_SPEC = "kind: upscale\nsource: in\ndest: out\nscale: 5\nbogus_key: 1\ntile: 8\n"
+
+
+def _every_problem_of_bad_spec(path) -> list[str]:
+    """What ``pan`` prints on stderr for ``BAD_SPEC`` at ``path``: the summary, then each problem."""
+    return [
+        f"pan: error: invalid job settings in {path}: 3 problems",
+        f"  {path}: scale: Input should be 2, 3 or 4",
+        f"  {path}: bogus_key: not a setting of upscale jobs",
+        f"  {path}: tile: tile 8 is out of range: use 0 (whole image) or at least 32 px "
+        "(each tile also reads 24 px of context on every side)",
+    ]
+
+
+def test_validate_prints_every_problem_of_each_spec(tmp_path, capsys):
+    bad, misspelt = tmp_path / "bad.yaml", tmp_path / "misspelt.yaml"
+    bad.write_text(BAD_SPEC)
+    misspelt.write_text("kind: upscale\nsource: in\ndest: out\nscael: 2\n")
+    assert main(["validate", str(bad), str(misspelt)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        *_every_problem_of_bad_spec(bad),
+        f"pan: error: invalid job settings in {misspelt}: 2 problems",
+        f"  {misspelt}: scael: not a setting of upscale jobs (did you mean scale?)",
+        f"  {misspelt}: scale is required (is scael a misspelling of it?)",
+    ]
+
+
+def test_run_and_submit_print_every_problem_before_anything_starts(tmp_path, capsys, monkeypatch):
+    import pipeline.submit
+
+    def reached_the_cluster(*args, **kwargs):
+        raise AssertionError("a spec that does not validate reached the cluster")
+
+    monkeypatch.setattr(pipeline.submit, "client", reached_the_cluster)
+    monkeypatch.setattr(pipeline.submit, "submit", reached_the_cluster)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(BAD_SPEC)
+    for argv in (["run", "bad.yaml"], ["submit", "bad.yaml", "--address", "http://127.0.0.1:1", "--wait"]):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.splitlines() == _every_problem_of_bad_spec("bad.yaml"), argv
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Every mistake a user can make ends in one line on stderr and exit 2, in seconds, before any
 # image is computed; inputs are never written over. Each case runs `pan` as a user would.

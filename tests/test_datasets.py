@@ -12,7 +12,9 @@ from pipeline.datasets import BenchmarkPair, PairSource, PatchDataset, div2k_url
 from pipeline.errors import DatasetError
 from pipeline.imaging import decode_image, encode_image, imresize
 from pipeline.imaging.codec import DecodedImage
-from pipeline.storage import write_bytes
+from pipeline.storage import Files
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 
 @pytest.fixture
@@ -339,10 +341,11 @@ def test_a_benchmark_folder_at_a_url_reads_as_the_local_one(s3_server, benchmark
         *(local / "LR_bicubic/X2").iterdir(),
         *(local / "LR_bicubic/X3").iterdir(),
     ]:
-        write_bytes(f"s3://sets/bench/Set5/{path.relative_to(local).as_posix()}", path.read_bytes())
+        FILES.write_bytes(f"s3://sets/bench/Set5/{path.relative_to(local).as_posix()}", path.read_bytes())
     remote = open_pairs("s3://sets/bench/Set5", 2)
     expected = open_pairs(str(local), 2)
     assert remote.name == "Set5" and len(remote) == len(expected) == 5
     for got, want in zip(remote, expected, strict=True):
         assert got.name == want.name and np.array_equal(got.hr, want.hr) and np.array_equal(got.lr, want.lr)
-    assert pd._benchmark_copy("s3://sets/bench/nothing", 2) is None  # not a benchmark folder: datasets' turn
+    # not a benchmark folder: datasets' turn
+    assert pd._benchmark_copy("s3://sets/bench/nothing", 2, FILES) is None

@@ -8,6 +8,7 @@ from pipeline.engine import Upscaler, resolve_device
 from pipeline.errors import DeviceError
 from pipeline.imaging import DecodedImage, decode_image
 from pipeline.model import PAN
+from pipeline.storage import Files
 from pipeline.tiling import plan_axis
 from pipeline.weights import load_pretrained
 
@@ -211,10 +212,12 @@ def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, 
 
     spec = InferenceSpec(weights=str(weights_dir / "PANx3_DF2K.pth"), device="cpu", tile=64, context=16,
                          batch_size=2)  # fmt: skip
-    up = build_upscaler(spec, 3)
+    up = build_upscaler(spec, 3, files=Files())
     assert (up.scale, up.tile, up.context, up.batch_size, up.device.type) == (3, 64, 16, 2, "cpu")
     assert up.weights_info.id == "PANx3_DF2K"
-    trained = build_upscaler(InferenceSpec(), 2, model=official[2], device="cpu")  # a model in training
+    trained = build_upscaler(
+        InferenceSpec(), 2, files=None, model=official[2], device="cpu"
+    )  # a model in training
     assert trained.weights_info.id == official[2].weights_info.id
     # every setting but the weights reaches the engine, under its own name
     import pipeline.engine as engine
@@ -224,7 +227,7 @@ def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, 
         patch.setattr(engine, "Upscaler", lambda model, **kwargs: given.update(kwargs))
         odd = InferenceSpec(device="cpu", precision="bf16", tile=48, context=8, batch_size=3, compile=True,
                             cuda_graphs=False)  # fmt: skip
-        build_upscaler(odd, 2, model=official[2])
+        build_upscaler(odd, 2, files=None, model=official[2])
     assert {k: given[k] for k in InferenceSpec.model_fields if k != "weights"} == odd.model_dump(
         exclude={"weights"}
     )

@@ -12,7 +12,10 @@ from pipeline.errors import DatasetError, PipelineError, WeightsError
 from pipeline.eval_job import evaluate_many
 from pipeline.evaluate import evaluate, load_benchmark
 from pipeline.report import GAP, LABEL_HEIGHT
+from pipeline.storage import Files
 from pipeline.weights import load_pretrained
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 SETS = ("Set5", "Set14")
 SCALES = (2, 3, 4)
@@ -87,8 +90,6 @@ def test_comparison_pictures_are_written(distributed, benchmarks_dir):
 def test_comparison_pictures_go_to_s3(local_ray, s3_server, benchmarks_dir, weights_dir):
     import boto3
 
-    from pipeline.storage import list_files
-
     boto3.client("s3").create_bucket(Bucket="eval")
     (report,) = evaluate_many(
         [str(benchmarks_dir / "Set5")],
@@ -98,7 +99,7 @@ def test_comparison_pictures_go_to_s3(local_ray, s3_server, benchmarks_dir, weig
         compare_dir="s3://eval/pictures",
         actors=1,
     )
-    assert list_files("s3://eval/pictures") == sorted(f"Set5/x4/{i.name}.png" for i in report.images)
+    assert FILES.list_files("s3://eval/pictures") == sorted(f"Set5/x4/{i.name}.png" for i in report.images)
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ import torch
 from pipeline.engine import build_upscaler
 from pipeline.evaluate import evaluate, load_benchmark
 from pipeline.jobspec import InferenceSpec
+from pipeline.storage import Files
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,9 +33,11 @@ def test_reduced_precision_scores_within_002_db_of_fp32(benchmarks_dir, weights_
     for scale in (2, 4):
         _, pairs = load_benchmark(str(benchmarks_dir / dataset), scale)
         spec = InferenceSpec(weights=str(weights_dir / f"PANx{scale}_DF2K.pth"), device="cuda")
-        fp32 = evaluate(build_upscaler(spec, scale), dataset, pairs)
+        fp32 = evaluate(build_upscaler(spec, scale, files=Files()), dataset, pairs)
         reduced = evaluate(
-            build_upscaler(spec.model_copy(update={"precision": precision}), scale), dataset, pairs
+            build_upscaler(spec.model_copy(update={"precision": precision}), scale, files=Files()),
+            dataset,
+            pairs,
         )
         assert abs(reduced.psnr_y - fp32.psnr_y) <= 0.02, (scale, reduced.psnr_y, fp32.psnr_y)
 
@@ -44,8 +47,8 @@ def test_windows_that_overflow_in_fp16_are_redone_in_fp32(weights_dir, benchmark
 
     lr = decode_image((benchmarks_dir / "Set5/LR_bicubic/X2/birdx2.png").read_bytes()).pixels
     spec = InferenceSpec(weights=str(weights_dir / "PANx2_DF2K.pth"), device="cuda", tile=48)
-    fp32 = build_upscaler(spec, 2).upscale(lr)
-    fp16 = build_upscaler(spec.model_copy(update={"precision": "fp16"}), 2)
+    fp32 = build_upscaler(spec, 2, files=Files()).upscale(lr)
+    fp16 = build_upscaler(spec.model_copy(update={"precision": "fp16"}), 2, files=Files())
     calls = []
 
     def overflow(module, inputs, output):  # the first window of each fp16 pass blows up
@@ -71,10 +74,10 @@ def test_recurring_shapes_replay_cuda_graphs_with_the_eager_output(weights_dir, 
     images = [im for image in originals for im in (image, np.ascontiguousarray(image[::-1]))]
     weights = str(weights_dir / "PANx4_DF2K.pth")
     spec = InferenceSpec(weights=weights, device="cuda", precision="fp16", batch_size=1)
-    eager = build_upscaler(spec.model_copy(update={"cuda_graphs": False}), 4)
+    eager = build_upscaler(spec.model_copy(update={"cuda_graphs": False}), 4, files=Files())
     expected = eager.upscale_many(images)
     assert eager.graphed_shapes == 0  # --no-cuda-graphs
-    graphed = build_upscaler(spec, 4)
+    graphed = build_upscaler(spec, 4, files=Files())
     for _ in range(2):  # the first pass records each shape at its second image, later ones replay
         for got, want in zip(graphed.upscale_many(images), expected, strict=True):
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser, main
-from pipeline.errors import SettingsError
+from pipeline.errors import InvalidSettingsError, SettingsError
 from pipeline.jobspec import (
     AUTO,
     DEFAULT_WEIGHTS,
@@ -17,6 +17,7 @@ from pipeline.jobspec import (
     EvalJob,
     TrainJob,
     UpscaleJob,
+    build_job,
     load_spec,
 )
 from pipeline.storage import is_url
@@ -85,6 +86,74 @@ def test_bad_specs_are_refused_naming_the_key_and_the_file(tmp_path, text, expec
     with pytest.raises(SettingsError) as caught:
         load_spec(path)
     assert expect in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_spec_with_several_mistakes_reports_every_one_naming_its_key_and_the_file(tmp_path):
+    path = _spec(tmp_path, "kind: upscale\nsource: a\ndest: b\nscale: 5\nbogus_key: 1\ntile: 8\n")
+    with pytest.raises(InvalidSettingsError) as caught:
+        load_spec(path)
+    error = caught.value
+    assert error.summary == f"invalid job settings in {path}: 3 problems"
+    assert error.problems == (
+        f"{path}: scale: Input should be 2, 3 or 4",
+        f"{path}: bogus_key: not a setting of upscale jobs",
+        f"{path}: tile: tile 8 is out of range: use 0 (whole image) or at least 32 px "
+        "(each tile also reads 24 px of context on every side)",
+    )  # in the order of the file
+    assert str(error).splitlines() == [error.summary, *error.problems]
+
+
+def test_a_misspelt_required_key_is_named_as_unknown_and_as_missing(tmp_path):
+    path = _spec(tmp_path, "kind: upscale\nsource: a\ndest: b\nscael: 2\n")
+    with pytest.raises(InvalidSettingsError) as caught:
+        load_spec(path)
+    assert caught.value.problems == (
+        f"{path}: scael: not a setting of upscale jobs (did you mean scale?)",
+        f"{path}: scale is required (is scael a misspelling of it?)",
+    )
+
+
+def test_bad_set_items_are_reported_with_the_problems_of_the_spec(tmp_path):
+    path = _spec(tmp_path, "kind: upscale\nsource: a\ndest: b\nbogus_key: 1\nschedule: nightly\n")
+    with pytest.raises(InvalidSettingsError) as caught:
+        load_spec(path, ["tile=8", "scael=2", "colour"])
+    assert caught.value.summary == f"invalid job settings in {path}: 6 problems"
+    assert caught.value.problems == (
+        f"{path}: schedule: 'nightly' is not a cron line like '0 2 * * *'",
+        "--set tile=8: tile: tile 8 is out of range: use 0 (whole image) or at least 32 px "
+        "(each tile also reads 24 px of context on every side)",
+        "--set scael=2: scael: not a setting of upscale jobs (did you mean scale?)",
+        "--set 'colour': write key=value, e.g. --set scale=3",
+        f"{path}: bogus_key: not a setting of upscale jobs",
+        f"{path}: scale is required (is scael a misspelling of it?)",
+    )
+    # A refused --set stands for its key: the file's missing (or bad) value is not a second problem.
+    with pytest.raises(InvalidSettingsError) as caught:
+        load_spec(path, ["scale=9"])
+    assert caught.value.problems[1:] == (
+        "--set scale=9: scale: Input should be 2, 3 or 4",
+        f"{path}: bogus_key: not a setting of upscale jobs",
+    )
+
+
+def test_flags_and_a_config_with_flags_report_every_problem(tmp_path):
+    with pytest.raises(InvalidSettingsError) as caught:
+        build_job(TrainJob, {"workers": 0})
+    assert caught.value.summary == "invalid job settings: 4 problems"
+    assert caught.value.problems == (
+        "workers: Input should be greater than or equal to 1",
+        "data is required (--data)",
+        "scale is required (--scale)",
+        "name is required (--name)",
+    )
+    path = _spec(tmp_path, "kind: upscale\nscael: 2\nwieghts: w.pth\n")
+    with pytest.raises(InvalidSettingsError) as caught:
+        UpscaleJob.from_yaml(path, source="s3://a/b", dest="s3://a/c", tile=64)
+    assert caught.value.problems == (
+        f"{path}: scael: not a setting of upscale jobs (did you mean scale?)",
+        f"{path}: wieghts: not a setting of upscale jobs (did you mean weights?)",
+        f"{path}: scale is required (is scael a misspelling of it?)",
+    )
 
 
 def test_set_overrides_parse_each_setting_by_its_type(tmp_path, monkeypatch):

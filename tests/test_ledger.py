@@ -14,11 +14,12 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from s3fs import S3FileSystem
 
-from pipeline import ledger, sinks
 from pipeline.cli import main
 from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.storage import join, read_bytes, write_bytes
+from pipeline.storage import Files, join
 from pipeline.upscale import UpscaleJob, run_upscale
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LISTINGS = ("find", "ls", "walk", "glob", "du")
@@ -28,7 +29,7 @@ READS = ("open", "cat", "cat_file", "read_bytes")
 @pytest.fixture
 def storage_calls(monkeypatch):
     """(method, path) of every listing and read this process makes through fsspec, and of every
-    ``read_bytes`` of the ledger and sinks (local files are read without fsspec)."""
+    ``Files.read_bytes`` (local files are read without fsspec)."""
     calls: list[tuple[str, str]] = []
 
     def recording(name, method):
@@ -42,14 +43,13 @@ def storage_calls(monkeypatch):
         for name in LISTINGS + READS:
             if name in cls.__dict__:
                 monkeypatch.setattr(cls, name, recording(name, cls.__dict__[name]))
-    for module in (ledger, sinks):
-        monkeypatch.setattr(
-            module,
-            "read_bytes",
-            lambda location, options=None: (
-                calls.append(("read_bytes", location)) or read_bytes(location, options)
-            ),
-        )
+    read_bytes = Files.read_bytes
+
+    def reading(self, location):
+        calls.append(("read_bytes", location))
+        return read_bytes(self, location)
+
+    monkeypatch.setattr(Files, "read_bytes", reading)
     return calls
 
 
@@ -71,10 +71,10 @@ class Place:
             self.bucket, self.source, self.dest = bucket, f"s3://{bucket}/in", f"s3://{bucket}/out"
 
     def put(self, rel: str, data: bytes) -> None:
-        write_bytes(join(self.source, rel), data)
+        FILES.write_bytes(join(self.source, rel), data)
 
     def pngs(self) -> list[str]:
-        files = sinks.list_files(self.dest)
+        files = FILES.list_files(self.dest)
         return sorted(f for f in files if f.endswith(".png") and not f.startswith(("_", "parquet/")))
 
 
@@ -137,7 +137,7 @@ def test_a_rerun_processes_exactly_the_new_and_changed_inputs_without_reading_ou
     assert bird["run_id"] == second["run_id"]
     assert bird["input_sha256"] == hashlib.sha256(set14[0].read_bytes()).hexdigest()
 
-    entries = read_ledger(place.dest, None, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
+    entries = read_ledger(place.dest, None, FILES, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
     assert len(entries) == 11 and all(e["weights_sha256"] and e["package_version"] for e in entries)
     assert {e["key"]: e["attempts"] for e in entries if e["status"] == "failed"} == {"broken.png": 2}
     capsys.readouterr()
@@ -171,7 +171,7 @@ def test_a_destination_made_before_the_ledger_is_adopted_once(
     assert (adopted["succeeded"], adopted["skipped"]) == (1, 4)
     entries = {
         e["key"]: e["status"]
-        for e in read_ledger(str(dest), None, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
+        for e in read_ledger(str(dest), None, FILES, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
     }
     assert entries == {
         "babyx4.png": "succeeded",

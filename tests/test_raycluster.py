@@ -1,6 +1,7 @@
 """pipeline.raycluster: the pieces that need no Ray, then with a local Ray, then an embedded one."""
 
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -9,6 +10,7 @@ import pytest
 from ray.exceptions import RaySystemError
 
 from pipeline.raycluster import CPUS_LEFT_TO_TASKS, _after_shutdown, _leave_cpus_to_tasks
+from pipeline.storage import Files
 
 
 def _finalizer(module: str):
@@ -173,7 +175,7 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
     try:
         for threads in (1, 3):
             spec = InferenceSpec(weights="w.pth", device="cpu", precision="fp32")
-            assert actor_upscaler(spec, 2, threads, None).precision == "fp32"
+            assert actor_upscaler(spec, 2, threads, None, Files()).precision == "fp32"
             assert torch.get_num_threads() == threads
         assert [kw["device"] for kw in built] == ["cpu", "cpu"]
     finally:
@@ -206,3 +208,34 @@ def test_an_embedded_rays_first_task_runs_on_a_worker_ray_started_ahead():
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "started ahead", run.stdout
+
+
+_CONNECT = """
+import ray
+from pipeline.raycluster import connect, shutdown_on_exit
+
+with shutdown_on_exit():
+    connect(None)
+    print(ray.get_runtime_context().gcs_address)
+"""
+
+
+@pytest.mark.integration
+def test_a_stale_note_of_a_dead_ray_start_head_does_not_stop_an_embedded_ray(tmp_path):
+    """``ray start`` leaves the address of its head in RAY_TMPDIR/ray/ray_current_cluster, and a
+    head killed without ``ray stop`` leaves it behind: ``ray.init()`` would try to join it."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    os.makedirs(os.path.join(temp, "ray"))
+    with socket.socket() as closed:  # a port nothing listens on once closed
+        closed.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as note:
+        note.write(dead)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp}
+    run = subprocess.run(
+        [sys.executable, "-c", _CONNECT], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and run.stdout.strip() != dead, run.stdout

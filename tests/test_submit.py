@@ -47,10 +47,17 @@ def ray_head():
     gcs, dashboard, *others = _free_ports(7)
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    # As in the cluster's image: `python` is the environment pan is installed in, and no `pan`
+    # script is on the head's PATH (a head started as .venv/bin/ray start has none either).
+    python = Path(temp) / "bin/python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if Path(p).resolve() != BIN.resolve()]
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # jobs run `pan` from the head's PATH
+        PATH=os.pathsep.join([str(python.parent), *path]),
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
     ports = dict(
@@ -105,8 +112,9 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _pan(args, *, token=None, timeout=300) -> subprocess.CompletedProcess:
+def _pan(args, *, token=None, timeout=300, **env_vars: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(env_vars)
     if token:
         env["RAY_AUTH_TOKEN"] = token  # pan turns RAY_AUTH_MODE=token on for a configured token
     return subprocess.run(
@@ -152,15 +160,42 @@ def test_submit_wait_upscales_and_a_second_submission_the_same_day_attaches(
     rows = pq.read_table(tmp_path / "out/parquet", columns=["key"]).column("key").to_pylist()
     assert sorted(Path(k).stem for k in rows) == names
 
-    again = _pan([*args, "--wait"], token=ray_head["token"])
+    again = _pan([*args, "--wait"], token=ray_head["token"])  # a scheduled spec: once a day
     assert again.returncode == 0, again.stderr
-    assert f"{job_id} was submitted before (SUCCEEDED): attached to it, no second job started" in again.stdout
+    assert f"{job_id} already succeeded today (its spec runs on a schedule): no second run" in again.stdout
     listing = _pan(["jobs", "list", "--address", ray_head["url"]], token=ray_head["token"])
     assert listing.returncode == 0 and listing.stdout.count(job_id) == 1, listing.stdout
+    assert f"python -m pipeline run {NIGHTLY.stem}.yaml" in listing.stdout  # no `pan` on the head's PATH
     status = _pan(["jobs", "status", job_id, "--address", ray_head["url"]], token=ray_head["token"])
     assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
     logs = _pan(["jobs", "logs", job_id, "--address", ray_head["url"]], token=ray_head["token"])
     assert "3 inputs: 3 succeeded, 0 failed, 0 skipped" in logs.stdout
+    forced = _pan([*args, "--again", "--wait"], token=ray_head["token"])
+    assert forced.returncode == 0 and f"submitted {job_id}-2" in forced.stdout, forced.stdout + forced.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_spec_without_a_schedule_runs_again_once_its_job_has_ended(
+    ray_head, benchmarks_dir, weights_dir, tmp_path
+):
+    spec = tmp_path / "catch-up.yaml"
+    spec.write_text(
+        "\n".join(line for line in NIGHTLY.read_text().splitlines() if not line.startswith("schedule"))
+    )
+    _images(benchmarks_dir, tmp_path / "in", n=2)
+    weights = weights_dir / "PANx2_DF2K.pth"
+    sets = [f"source={tmp_path / 'in'}", f"dest={tmp_path / 'out'}", f"weights={weights}", "device=cpu",
+            "actors=1", "format=png"]  # fmt: skip
+    args = ["submit", spec, "--address", ray_head["url"], *(f"--set={s}" for s in sets), "--wait"]
+    first = _pan(args, token=ray_head["token"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = first.stdout.split("submitted ", 1)[1].split()[0]
+    shutil.copy(benchmarks_dir / "Set5/LR_bicubic/X4/womanx4.png", tmp_path / "in/womanx4.png")  # new tonight
+    second = _pan(args, token=ray_head["token"])
+    assert second.returncode == 0 and f"submitted {job_id}-2" in second.stdout, second.stdout + second.stderr
+    logs = _pan(["jobs", "logs", f"{job_id}-2", "--address", ray_head["url"]], token=ray_head["token"])
+    assert "3 inputs: 1 succeeded, 0 failed, 2 skipped" in logs.stdout
 
 
 @pytest.mark.slow
@@ -183,6 +218,21 @@ def test_a_failing_job_exits_non_zero_with_its_log_tail_and_follow_streams(ray_h
     assert retried.returncode == 2 and "submitted " in retried.stdout
     assert retried.stdout.split("submitted ", 1)[1].split()[0].endswith("-2")
     assert "source not found" in retried.stdout  # streamed, not a tail
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_followed_training_job_shows_its_steps_and_none_of_rays_lines(ray_head, shared_dir, tmp_path):
+    sets = [f"data={shared_dir / 'train/BSDS200'}", "lr_data=null", "val_data=null", "workers=1", "gpu=false",
+            "max_steps=20", "log_every=10", "val_every=10", "batch_size=4", "patch_size=24",
+            f"storage={tmp_path}", "loader_workers=0"]  # fmt: skip
+    args = ["submit", REPO / "jobs/retrain-x2.yaml", "--address", ray_head["url"], "--follow"]
+    run = _pan([*args, *(f"--set={s}" for s in sets)], token=ray_head["token"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    shown = run.stdout + run.stderr
+    assert "step 10/20 loss" in run.stdout and "step 20/20 loss" in run.stdout
+    for noise in ("\x1b[", "pid=", "Uploading package", "Running entrypoint", "INFO", "Warning", "Reporting"):
+        assert noise not in shown, shown
 
 
 @pytest.mark.slow
@@ -224,6 +274,43 @@ def test_address_runs_join_a_token_cluster(ray_head, benchmarks_dir, weights_dir
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == names
 
 
+def _drivers(ray_head) -> int:
+    """How many drivers (jobs and plain ``ray.init`` drivers) the head has seen."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head["url"], headers={"Authorization": f"Bearer {ray_head['token']}"})
+    return len(client.list_jobs())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_embedded_run_leaves_a_ray_start_head_alone_and_auto_joins_it(
+    ray_head, benchmarks_dir, weights_dir, tmp_path
+):
+    """A ``ray start`` head runs on the machine and its note names it (as ``ray start`` leaves it
+    for ``ray.init()`` to find): without --address the command starts a Ray of its own anyway;
+    ``--address auto`` joins the head."""
+    temp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    (temp / "ray").mkdir()
+    (temp / "ray/ray_current_cluster").write_text(ray_head["gcs"])
+    _images(benchmarks_dir, tmp_path / "in", n=1)
+    args = [
+        "upscale",
+        tmp_path / "in",
+        tmp_path / "out",
+        "--scale=2",
+        f"--weights={weights_dir / 'PANx2_DF2K.pth'}",
+    ]
+    before = _drivers(ray_head)
+    own = _pan(args, token=ray_head["token"], RAY_TMPDIR=str(temp))
+    assert own.returncode == 0, own.stderr
+    assert "1 inputs: 1 succeeded" in own.stdout and _drivers(ray_head) == before
+    joined = _pan([*args, "--address", "auto", "--overwrite"], token=ray_head["token"], RAY_TMPDIR=str(temp))
+    assert joined.returncode == 0, joined.stderr
+    assert "1 inputs: 1 succeeded" in joined.stdout and _drivers(ray_head) == before + 1
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_ids_name_the_spec_its_settings_and_the_day_of_scheduled_runs(tmp_path):
     nightly = load_spec(NIGHTLY)
     day = datetime.date(2026, 11, 26)
@@ -241,7 +328,7 @@ def test_the_shipped_job_is_the_validated_spec(tmp_path):
     staging = tmp_path / "installed"
     staging.mkdir()
     command, env = staged_job(spec, "installed", staging)
-    assert command == "pan run nightly-upscale.yaml" and env == {"working_dir": str(staging)}
+    assert command == "python -m pipeline run nightly-upscale.yaml" and env == {"working_dir": str(staging)}
     assert load_spec(staging / "nightly-upscale.yaml").job == spec.job
 
     staging = tmp_path / "checkout"

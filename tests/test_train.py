@@ -19,9 +19,11 @@ import pytest
 from pipeline.cli import main
 from pipeline.engine import Upscaler
 from pipeline.evaluate import evaluate, load_benchmark
-from pipeline.storage import list_files
+from pipeline.storage import Files
 from pipeline.train import TrainJob, run_training
 from pipeline.weights import load_pretrained
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +114,7 @@ def test_the_readme_example_runs_from_the_checkout(shared_dir, tmp_path):
     assert steps == list(range(1, int(argv[argv.index("--max-steps") + 1]) + 1))
     lines = [line for line in run.stdout.splitlines() if "step " in line and "/" in line]
     assert len(lines) == len(set(lines))  # each step printed once
+    assert all(line.startswith("step ") for line in lines), lines  # no "(RayTrainWorker pid=...)", no colour
 
 
 def _kill_one_train_worker() -> bool:
@@ -142,7 +145,7 @@ def test_s3_storage(local_ray, s3_server, bsds):
     boto3.client("s3").create_bucket(Bucket="runs")
     job = _job(data=bsds, scale=3, name="s", storage="s3://runs/pan", patch_size=16, max_steps=4, val_every=2)
     assert run_training(job).error is None
-    files = list_files("s3://runs/pan/s")
+    files = FILES.list_files("s3://runs/pan/s")
     assert "metrics.jsonl" in files and "export/config.json" in files
     assert any(f.startswith("checkpoint") for f in files)
     assert run_training(job.model_copy(update={"max_steps": 6})).error is None
@@ -221,3 +224,21 @@ def test_a_checkpoint_without_amp_resumes_with_amp_at_a_fresh_scale():
     after = _training(ema=False, amp=True)
     after.load_state_dict(_training(ema=False, amp=False).state_dict(), rank=0, seed=0)
     assert after.scaler.get_scale() == 2.0**16
+
+
+def test_s3_fine_tuning_with_credentials_only_in_storage_options(s3_server, bsds, weights_dir, tmp_path):
+    """No AWS_* in the environment: the driver, the Ray Train worker (which loads the weights it
+    fine-tunes) and Ray Train's checkpoint upload all reach S3 with the options given once."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="creds")
+    s3.put_object(Bucket="creds", Key="w/PANx2_DF2K.pth", Body=(weights_dir / "PANx2_DF2K.pth").read_bytes())
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server}}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    argv = [PAN_BIN, "train", "--data", bsds, "--scale", "2", "--name", "ft", "--storage", "s3://creds/runs",
+            "--init-weights", "s3://creds/w/PANx2_DF2K.pth", "--storage-options", json.dumps(options),
+            "--max-steps", "2", "--val-every", "2", "--batch-size", "4", "--patch-size", "24"]  # fmt: skip
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="creds", Prefix="runs/ft/")["Contents"]}
+    assert {"runs/ft/export/config.json", "runs/ft/metrics.jsonl"} <= keys
+    assert any(k.startswith("runs/ft/checkpoint_") for k in keys)

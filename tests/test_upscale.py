@@ -19,8 +19,10 @@ from pipeline.cli import main
 from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
 from pipeline.raycluster import ActorPool, actor_pool
-from pipeline.storage import list_files
+from pipeline.storage import Files
 from pipeline.upscale import UpscaleJob, psnr_vs_bicubic, run_upscale
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BAD = {"empty.png", "notes.jpg", "sub/truncated.png"}
@@ -73,7 +75,7 @@ def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights
     # fp32 (not the default auto): the outputs are compared with single-image ones below
     fp32 = ["--weights", weights, "--precision", "fp32"]
     assert main(["upscale", str(mixed_inputs), str(dest), "--scale", "4", *fp32]) == 0
-    written = {f for f in list_files(str(dest)) if not f.startswith("_")}
+    written = {f for f in FILES.list_files(str(dest)) if not f.startswith("_")}
     assert written == _expected_pngs(mixed_inputs)
     # each output equals what `pan upscale-image` writes for that file
     for name in ["sub/gray.png", "sub/alpha.png", "sub/deep16.png", "sub/comic.png", "baboonx4.png"]:
@@ -228,7 +230,9 @@ def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, we
         ), fmt
         names = _parquet_names(dest)
         assert sorted(names) == good, fmt  # every image once in Parquet, never twice
-        pngs = sorted(f for f in list_files(str(dest)) if f.endswith(".png") and not f.startswith("parquet/"))
+        pngs = sorted(
+            f for f in FILES.list_files(str(dest)) if f.endswith(".png") and not f.startswith("parquet/")
+        )
         assert pngs == (good if fmt != "parquet" or summary["skipped"] else []), fmt
     assert _checksums(five) == before
 
@@ -305,6 +309,50 @@ def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir
     assert not (dest / "_pan.json").exists()
     (dest / "d0/babyx4.png").unlink()
     assert run_upscale(job)["succeeded"] == 5  # an empty folder (hidden files aside) is fine
+
+
+def test_a_later_input_never_replaces_an_earlier_inputs_output(
+    local_ray, benchmarks_dir, weights_dir, tmp_path
+):
+    """The issue's reproduction: x.png is upscaled, then x.jpg (same output name) arrives."""
+    src, dest = tmp_path / "col", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(benchmarks_dir / "Set5/LR_bicubic/X4/birdx4.png", src / "x.png")
+    job = UpscaleJob(source=str(src), dest=str(dest), scale=2, weights=str(weights_dir / "PANx2_DF2K.pth"))
+    job = job.model_copy(update={"format": "both"})
+    assert run_upscale(job)["succeeded"] == 1
+    made = (dest / "x.png").read_bytes()
+    Image.open(benchmarks_dir / "Set5/LR_bicubic/X4/headx4.png").save(src / "x.jpg")
+    summary = run_upscale(job)
+    assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["skipped"]) == (2, 0, 1, 1)
+    assert (dest / "x.png").read_bytes() == made  # the owner's output keeps its bytes, in both sinks
+    assert _parquet_names(dest) == ["x.png"]
+    assert pq.read_table(dest / "parquet").column("png").to_pylist() == [made]
+    errors = pq.read_table(dest / "_errors").to_pylist()
+    assert [(e["key"], e["error_type"]) for e in errors] == [("x.jpg", "OutputNameCollision")]
+    assert "x.jpg: its output name x.png is taken by the input x.png" in errors[0]["message"]
+    (src / "x.png").unlink()  # the owner leaves the source: its output stays its own
+    assert run_upscale(job)["failed"] == 1 and (dest / "x.png").read_bytes() == made
+
+
+def test_underscore_names_are_upscaled_and_hidden_files_counted(
+    local_ray, benchmarks_dir, weights_dir, tmp_path, capsys
+):
+    src, dest = tmp_path / "src", tmp_path / "out"
+    (src / "_2024").mkdir(parents=True)
+    lr = benchmarks_dir / "Set5/LR_bicubic/X4"
+    for name, image in [("_DSC0001.png", "birdx4"), ("_2024/head.png", "headx4"), ("DSC0002.png", "babyx4"),
+                        (".hidden.png", "womanx4")]:  # fmt: skip
+        shutil.copy(lr / f"{image}.png", src / name)
+    (src / "notes.txt").write_text("not an image")
+    argv = ["upscale", str(src), str(dest), "--scale", "4", "--weights", str(weights_dir / "PANx4_DF2K.pth")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "3 inputs: 3 succeeded" in out
+    assert "not inputs: 1 file(s) hidden (a name starting with '.'): .hidden.png" in err
+    assert "not inputs: 1 file(s) not an image, .parquet or .tar shard (by extension): notes.txt" in err
+    assert {"_DSC0001.png", "_2024/head.png", "DSC0002.png"} <= set(FILES.list_files(str(dest)))
+    assert json.loads((dest / "_summary.json").read_text())["ignored"] == {"hidden": 1, "other": 1}
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGB16", "L16"])

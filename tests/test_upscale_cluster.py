@@ -16,8 +16,10 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
 from pipeline.raycluster import WATCHDOG_MARK, ActorPool, actor_gpu_share, actor_pool
-from pipeline.storage import list_files
+from pipeline.storage import Files
 from pipeline.upscale import UpscaleJob, run_upscale
+
+FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PAN_BIN = str(Path(sys.executable).with_name("pan"))
@@ -36,7 +38,7 @@ def many_inputs(benchmarks_dir, tmp_path):
 
 def _outputs(dest: Path) -> list[str]:
     """The PNG tree's files (hidden temporaries included: none may be left)."""
-    return [f for f in list_files(str(dest)) if not f.startswith(("_", "parquet/"))]
+    return [f for f in FILES.list_files(str(dest)) if not f.startswith(("_", "parquet/"))]
 
 
 def _ray_processes_of(driver_pid: int) -> list[str]:
@@ -90,7 +92,7 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     partial = len(_outputs(dest))
     inputs = len(list(many_inputs.rglob("*.png")))
     assert 5 <= partial < inputs
-    killed = read_ledger(str(dest), None)
+    killed = read_ledger(str(dest), None, FILES)
     assert len(killed.unfinished) == 1 and killed.entries.num_rows  # it committed some parts, then died
 
     # The killed run could not give its lease back: the next one waits for it to expire.
@@ -103,7 +105,7 @@ def test_killed_driver_leaves_no_ray_behind_and_resumes_with_each_output_once(
     # Each output has exactly one Parquet row, and the ledger names the part that holds it.
     names = pq.read_table(dest / "parquet", columns=["name"]).column("name").to_pylist()
     assert sorted(names) == sorted(outputs)
-    entries = read_ledger(str(dest), None, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
+    entries = read_ledger(str(dest), None, FILES, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
     assert sorted(e["name"] for e in entries) == sorted(outputs)
     for e in entries:
         assert e["status"] == "succeeded" and e["png"] and e["parquet"], e
