@@ -8,8 +8,10 @@ averaged back.
 
 Large images are cut into tiles: each tile's core is read with ``context`` pixels of image around
 it, all windows have one shape (so they batch), and neighbouring cores cross-fade over a few pixels
-with linear ramps, which blends the seams away. Tiles that come out
-non-finite in reduced precision are recomputed in fp32.
+with linear ramps, which blends the seams away. With the default context, tiled output equals
+whole-image output within one level in fp32 and within 4 levels in bf16 (``pipeline.tiling`` says
+why and what was measured). Tiles that come out non-finite in reduced precision are recomputed in
+fp32.
 
 ``upscale_many`` runs several images together: their windows are grouped by shape and each group
 goes through the model in batches, so equal-shape windows of different images share a forward
@@ -197,8 +199,9 @@ class Upscaler:
 
     ``tile``: input tile size in pixels; ``0`` runs the whole image at once; ``"auto"`` runs it
     whole when it fits ``memory_budget`` (bytes of activations) and tiles it otherwise.
-    ``context``: input pixels read around each tile's core (PAN's receptive field is wide: with
-    about 20 or more, tiled output equals whole-image output within one level).
+    ``context``: input pixels read around each tile's core. With the default 24, tiled output equals
+    whole-image output within one level in fp32 and within 4 levels in bf16; with 40 or more (PAN's
+    receptive field plus half the blend), within one level in any precision (``pipeline.tiling``).
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
     ``memory_share``: the part of its GPU this process holds (actors sharing a GPU), which scales
     the default ``memory_budget``.

@@ -195,7 +195,10 @@ class InferenceSpec(BaseModel):
     precision: Precision = AUTO
     tile: Tile = AUTO
     context: int = Field(
-        DEFAULT_CONTEXT, ge=0, description="input pixels read around each tile (about 20+: tiles == whole)"
+        DEFAULT_CONTEXT,
+        ge=0,
+        description="input pixels read around each tile: with 24, tiled output is within 1 level of the "
+        "whole image's in fp32 and 4 in bf16; with 40, within 1 in any precision (slower)",
     )
     batch_size: int | Literal[AUTO] = Field(
         AUTO, description="windows per forward pass: auto (as many as the memory budget holds, up to 16) or N"

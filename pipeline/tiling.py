@@ -6,22 +6,23 @@ Along each axis an image is cut into cores of ``tile`` input pixels; each core i
 so windows batch. Neighbouring cores cross-fade over ``BLEND`` pixels with linear ramps.
 
 How close tiled output is to the whole image's, per precision (the README's contract for ``--tile``;
-benchmarks/tiling_bound.py measures it): a window sees zeros where the whole image has pixels, and
-PAN's receptive field reaches 36 input pixels (35 at x3), so output within 36 px of a window's edge
-differs; ``context`` keeps that edge away from the core (minus half the blend, which reaches 4 px
-beyond a core).
+benchmarks/tiling_bound.py measures it, on the CPU): a window sees zeros where the whole image has
+pixels, and PAN's receptive field reaches 36 input pixels (35 at x3), so output within 36 px of a
+window's edge differs; ``context`` keeps that edge away from the core (less half the blend, which
+reaches 4 px beyond a core).
 - fp32: the edge's influence fades fast, under 0.001 level at the default context, so tiled output
   equals the whole image's within one level (the rounding to integers).
-- bf16: each layer rounds its activations to 8 bits of mantissa. Where the edge's tiny difference
+- bf16: each layer rounds its activations to 8 significant bits. Where the edge's tiny difference
   moves an activation across a rounding step it becomes a whole step, which the next layers carry
-  on and round again, so it does not fade over the receptive field: within 4 levels with the
-  default context (measured at most 3 on Set14 x2-x4 and 4 on BSDS200 photos at x4, tiles 48-256,
-  a few values in 10^5 more than one level off). Whole-image bf16 itself is position-independent:
-  with the edge out of reach the difference is float rounding of the blend.
+  on and round again, so it does not fade within the receptive field: within 4 levels with the
+  default context (measured at most 3 on Set14 x2-x4 and 4 on 20 BSDS200 photos at x4, tiles
+  48-256; a few values in 10^5 more than one level off).
 - any precision, ``context`` of 40 or more (the receptive field plus half the blend): no core pixel
-  sees a window's edge, and tiled output equals the whole image's within one level. It is not the
-  default because it costs 1.1x (tiles of 256) to 2.2x (tiles of 48) the time on an image that needs
-  tiles.
+  sees a window's edge, and tiled output equals the whole image's within one level (the CPU's bf16
+  kernels give a pixel the same value wherever it sits in a window: what is left is the blend's
+  float rounding). Not the default: it costs 1.1x (tiles of 256) to 2.2x (tiles of 48) the time on
+  an image that needs tiles.
+- fp16 and the GPU's kernels are not measured.
 """
 
 from __future__ import annotations

@@ -65,6 +65,33 @@ def test_tiled_equals_whole_image_on_set14(official, set14_lr, scale):
             assert diff <= 1, f"tile {tile}: {diff} levels off"
 
 
+# The README's --tile bullet: the most uint8 levels a tiled output value is off the whole image's,
+# with the default context, per precision (pipeline.tiling says why they differ).
+TILED_LEVELS = {"fp32": 1, "bf16": 4}
+
+
+@pytest.mark.integration
+def test_tiles_keep_the_readme_bound_in_the_precision_auto_picks(official, set14_lr):
+    """What the README states, on the inference defaults (precision auto: bf16 on a CPU with bf16
+    kernels, else fp32; context 24): tiled output within that precision's bound of the whole image;
+    and with a context of 40, within one level. 48-px tiles (the most seams) at x4 on barbara (3x4
+    windows) and ppt3 (the worst of Set14 x4 in bf16: 3 levels)."""
+    from pipeline.engine import build_upscaler
+    from pipeline.jobspec import InferenceSpec
+
+    spec = InferenceSpec(device="cpu", tile=48)
+    tiled = build_upscaler(spec, 4, files=None, model=official[4])
+    assert tiled.context == 24
+    pinned = spec.model_copy(update={"precision": tiled.precision})  # auto might time otherwise
+    whole = build_upscaler(pinned.model_copy(update={"tile": 0}), 4, files=None, model=official[4])
+    wide = build_upscaler(pinned.model_copy(update={"context": 40}), 4, files=None, model=official[4])
+    for lr in (set14_lr[4][1], set14_lr[4][12]):  # barbara, ppt3
+        reference = whole.upscale(lr).astype(int)
+        off = np.abs(tiled.upscale(lr).astype(int) - reference).max()
+        assert off <= TILED_LEVELS[tiled.precision], f"{tiled.precision}: {off} levels off"
+        assert np.abs(wide.upscale(lr).astype(int) - reference).max() <= 1
+
+
 @pytest.mark.integration
 def test_tiles_batch_and_auto_tiling_follows_the_budget(official, set14_lr):
     lr = set14_lr[2][1]  # barbara 360x288
