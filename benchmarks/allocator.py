@@ -1,4 +1,4 @@
-"""What ``pipeline.engine.keep_freed_memory`` (set by every ``Upscaler``) buys: the engine with it
+"""What ``pipeline.core.engine.keep_freed_memory`` (set by every ``Upscaler``) buys: the engine with it
 and with glibc's default allocator, each measurement in a fresh process, settings alternated.
 
     .venv/bin/python benchmarks/allocator.py [--rounds 2] [--threads 2]
@@ -56,9 +56,9 @@ def child(setting: str, workload: str, threads: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
-    import pipeline.engine as engine
-    from pipeline.jobspec import InferenceSpec
-    from pipeline.storage import Files
+    import pipeline.core.engine as engine
+    from pipeline.config.settings import InferenceSpec
+    from pipeline.io.storage import Files
 
     if setting == "default":
         engine.keep_freed_memory = lambda: False

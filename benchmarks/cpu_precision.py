@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.datasets import load_benchmark
-from pipeline.engine import build_upscaler
-from pipeline.evaluate import evaluate
+from pipeline.config.builder import build_upscaler
+from pipeline.config.settings import InferenceSpec
+from pipeline.evaluation.scoring import evaluate
 from pipeline.imaging import decode_image
-from pipeline.jobspec import InferenceSpec
-from pipeline.storage import Files
+from pipeline.io.pairs import load_benchmark
+from pipeline.io.storage import Files
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PRECISIONS = ("fp32", "bf16")

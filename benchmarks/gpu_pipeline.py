@@ -96,8 +96,8 @@ def eager_macs(spec: Any, scale: int, pixels: list[Any], per_call: int) -> int:
     by hooks on an eager twin of the engine: a CUDA graph's replay runs no hooks (an H100 run counted
     16x too few so), and compiled code calls none. The twin plans the same windows as long as its
     memory budget does not tile an image the engine runs whole (Set14 and Set5 are far below it)."""
-    from pipeline.engine import build_upscaler
-    from pipeline.storage import Files
+    from pipeline.config.builder import build_upscaler
+    from pipeline.io.storage import Files
 
     twin = build_upscaler(
         spec.model_copy(update={"cuda_graphs": False, "compile": False}), scale, files=Files()
@@ -137,8 +137,9 @@ def engine_figures(upscaler: Any, pixels: list[Any], per_call: int, macs: int) -
 def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, chosen: str) -> list[dict]:
     """The engine in each precision (with CUDA graphs on a GPU, the default), in ``chosen``
     without graphs, then in ``chosen`` compiled (build and warm-up timed apart)."""
-    from pipeline.engine import auto_candidates, build_upscaler, resolve_device
-    from pipeline.storage import Files
+    from pipeline.config.builder import build_upscaler
+    from pipeline.core.engine import auto_candidates, resolve_device
+    from pipeline.io.storage import Files
 
     variants = [(p, "default", {}) for p in auto_candidates(resolve_device(spec.device))]
     variants += [(chosen, "no CUDA graphs", {"cuda_graphs": False}), (chosen, "compiled", {"compile": True})]
@@ -175,8 +176,8 @@ def pipeline_run(
 ) -> dict:
     import ray
 
-    from pipeline.jobspec import UpscaleJob
-    from pipeline.upscale import run_upscale
+    from pipeline.batch.job import run_upscale
+    from pipeline.config.settings import UpscaleJob
 
     gpus = 1 if device == "cuda" else 0
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
@@ -239,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: benchmark images or weights not found under {SHARED}; set PAN_SHARED")
         return 0
 
-    from pipeline.engine import DTYPES, build_upscaler
-    from pipeline.jobspec import InferenceSpec, UpscaleJob
-    from pipeline.storage import Files
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import InferenceSpec, UpscaleJob
+    from pipeline.core.engine import DTYPES
+    from pipeline.io.storage import Files
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     spec = InferenceSpec(weights=str(weights), device=args.device)

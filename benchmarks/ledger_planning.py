@@ -4,7 +4,7 @@ run ledger of 1,000,000 done inputs (issue 10). Prints the planning time and the
     .venv/bin/python benchmarks/ledger_planning.py [--runs 100] [--per-run 10000] [--source 100000]
 
 The ledger is real: ``--runs`` finished runs of ``--per-run`` entries each, written by
-``pipeline.ledger.RunLog`` into a temporary local destination. The source listing is synthetic
+``pipeline.batch.ledger.RunLog`` into a temporary local destination. The source listing is synthetic
 (``InputUnit``s with sizes and versions), as listing 100,000 real files measures the file system,
 not the plan. Each scenario is planned in a fresh process, so its peak memory is its own:
 - ``nothing new``: the source is 100,000 files the ledger has, unchanged;
@@ -36,8 +36,8 @@ def _key(i: int) -> str:
 def write_ledger(dest: Path, runs: int, per_run: int) -> None:
     """``runs`` finished runs; run r holds inputs r*per_run ... (r+1)*per_run - 1, all succeeded.
     Written as the merged manifest a finished run leaves, with the same schema and writer."""
-    from pipeline.ledger import MANIFEST_NAME, MANIFEST_SCHEMA, SUMMARY_NAME
-    from pipeline.sinks import parquet_bytes
+    from pipeline.batch.ledger import MANIFEST_NAME, MANIFEST_SCHEMA
+    from pipeline.batch.sinks import SUMMARY_NAME, parquet_bytes
 
     for r in range(runs):
         run_id = f"20260101T{r // 3600:02d}{r // 60 % 60:02d}{r % 60:02d}Z-bench-{r:06x}"
@@ -75,7 +75,7 @@ def write_ledger(dest: Path, runs: int, per_run: int) -> None:
 def source_units(scenario: str, total: int, ledger_size: int, failed_at: list[int]):
     """The synthetic listing: the last ``total`` inputs of the ledger (the newest nights),
     with the scenario's changes."""
-    from pipeline.sources import InputUnit
+    from pipeline.batch.sources import InputUnit
 
     first = ledger_size - total
     units = [InputUnit(f"s3://bucket/{_key(i)}", _key(i), "image", 100_000 + i % 5000, f'"{i:032x}"')
@@ -95,11 +95,11 @@ def source_units(scenario: str, total: int, ledger_size: int, failed_at: list[in
 
 def measure(dest: str, scenario: str, total: int, ledger_size: int) -> dict:
     """Plan in this (fresh) process; memory above what the imports took."""
-    from pipeline.ledger import RunLog, read_ledger
-    from pipeline.planner import plan_units
-    from pipeline.sinks import PartBuffer
-    from pipeline.storage import Files
-    from pipeline.upscale import UpscaleJob
+    from pipeline.batch.ledger import RunLog, read_ledger
+    from pipeline.batch.planner import plan_units
+    from pipeline.batch.sinks import PartBuffer
+    from pipeline.config.settings import UpscaleJob
+    from pipeline.io.storage import Files
 
     failed: list[int] = []
     units = source_units(scenario, total, ledger_size, failed)

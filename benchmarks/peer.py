@@ -34,7 +34,7 @@ What is measured:
   pass of each. torch runs on ``os.cpu_count()`` threads (``torch.set_num_threads``) for all.
 - **ours / x**: our MP/s divided by contender x's.
 - **PSNR_Y** on Set14 against ``HR/`` (cropped to 4x the LR size), with
-  ``pipeline.metrics.psnr_y(sr, hr, crop=scale)``: the PAN paper's convention; mean over images.
+  ``pipeline.core.metrics.psnr_y(sr, hr, crop=scale)``: the PAN paper's convention; mean over images.
 - **GFLOP/s achieved** = 2 x MACs / second, in fp32. MACs are counted, not hard-coded: forward hooks
   on every ``nn.Conv2d`` of the model sum out_h x out_w x out_c x in_c / groups x kh x kw (x batch)
   over one whole-image forward pass. Nothing else is counted: biases, sigmoids, products,
@@ -50,7 +50,7 @@ What is measured:
   also shown as a fraction of it.
 
 Two processes: our engine makes the process that runs it keep the memory tensors free for reuse
-(``pipeline.engine.keep_freed_memory``, a glibc setting that holds for the whole process). In one
+(``pipeline.core.engine.keep_freed_memory``, a glibc setting that holds for the whole process). In one
 process it would speed up super-image as well, which its users do not get. So our engine runs in a
 spawned process of its own, with the same torch threads, and super-image in this one with glibc's
 defaults: each contender in the state it has in real use. The processes take turns (one request at
@@ -94,10 +94,10 @@ from PIL import Image  # noqa: E402
 from super_image import ImageLoader, PanConfig, PanModel  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.engine import Upscaler, build_upscaler  # noqa: E402
-from pipeline.jobspec import InferenceSpec  # noqa: E402
-from pipeline.metrics import psnr_y  # noqa: E402
-from pipeline.storage import Files  # noqa: E402
+from pipeline.config.settings import InferenceSpec  # noqa: E402
+from pipeline.core.engine import Upscaler, build_upscaler  # noqa: E402
+from pipeline.core.metrics import psnr_y  # noqa: E402
+from pipeline.io.storage import Files  # noqa: E402
 
 Run = Callable[[Image.Image], np.ndarray]  # PIL RGB image -> H x W x 3 uint8
 

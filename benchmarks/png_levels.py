@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image, features
 
-    from pipeline.engine import Upscaler
+    from pipeline.core.engine import Upscaler
     from pipeline.imaging import decode_image, encode_image
-    from pipeline.weights import load_pretrained
+    from pipeline.io.weights import load_pretrained
 
     upscaler = Upscaler(load_pretrained(str(weights), scale=args.scale), device="cpu")
     outputs = []

@@ -31,11 +31,11 @@ def synthetic(rng: np.random.Generator, size: int = 96) -> dict[str, np.ndarray]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.engine import Upscaler
-    from pipeline.imaging import decode_image
-    from pipeline.jobspec import UpscaleJob
-    from pipeline.upscale import psnr_vs_bicubic
-    from pipeline.weights import load_pretrained
+    from pipeline.batch.stages import psnr_vs_bicubic
+    from pipeline.config.settings import UpscaleJob
+    from pipeline.core.engine import Upscaler
+    from pipeline.imaging import decode_image, upscale_image
+    from pipeline.io.weights import load_pretrained
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", type=int, nargs="+", choices=(2, 3, 4), default=[2, 4])
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         values = []
         for path in photos:
             image = decode_image(path.read_bytes())
-            values.append(psnr_vs_bicubic(image.pixels, upscaler.upscale_image(image).pixels))
+            values.append(psnr_vs_bicubic(image.pixels, upscale_image(upscaler, image).pixels))
         low, p5, median = min(values), np.percentile(values, 5), np.median(values)
         print(f"x{scale} photos ({len(values)}): min {low:.1f}  p5 {p5:.1f}  median {median:.1f} dB")
         for name, pixels in synthetic(np.random.default_rng(0)).items():

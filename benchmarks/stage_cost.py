@@ -68,21 +68,21 @@ class Replay:
 def replay_engine() -> None:
     """Each Ray worker runs this first (``worker_process_setup_hook``): ``build_upscaler`` then
     returns a ``Replay`` of the outputs saved in ``$PAN_STAGE_COST_REPLAY``."""
-    import pipeline.engine
+    import pipeline.config.builder
 
     with np.load(os.environ[REPLAY_FILE]) as saved:
         outputs = {name: saved[name] for name in saved.files if name != "precision"}
         precision = str(saved["precision"])
-    pipeline.engine.build_upscaler = lambda *args, **kwargs: Replay(outputs, precision)
+    pipeline.config.builder.build_upscaler = lambda *args, **kwargs: Replay(outputs, precision)
 
 
 def save_outputs(files: list[Path], scale: int, weights: Path, into: Path) -> str:
     """PAN's output of each file, with the job's inference defaults, saved to ``into``; returns the
     precision it ran in."""
-    from pipeline.engine import build_upscaler
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import InferenceSpec
     from pipeline.imaging import decode_image
-    from pipeline.jobspec import InferenceSpec
-    from pipeline.storage import Files
+    from pipeline.io.storage import Files
 
     upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale, files=Files())
     outputs = {}
@@ -134,7 +134,8 @@ class Titles:
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import ray
 
-    from pipeline.upscale import UpscaleJob, run_upscale
+    from pipeline.batch.job import run_upscale
+    from pipeline.config.settings import UpscaleJob
 
     files = workload_files(args.scale)
     weights = args.weights

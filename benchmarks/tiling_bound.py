@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from images import SHARED, hd_lr  # benchmarks/images.py
 
-from pipeline.engine import Upscaler, cpu_has_bf16_kernels
+from pipeline.core.engine import Upscaler, cpu_has_bf16_kernels
+from pipeline.core.model import PAN
 from pipeline.imaging import decode_image
-from pipeline.model import PAN
-from pipeline.weights import load_pretrained
+from pipeline.io.weights import load_pretrained
 
 
 def cpu_name() -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.train import TrainJob, run_training
+from pipeline.config.settings import TrainJob
+from pipeline.training.job import run_training
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 BICUBIC_SET5_X2 = 33.673  # ../shared/README.md, our convention

@@ -242,9 +242,9 @@ TARGET_RATIO = 0.9  # issue 11: the pipeline at least 0.9 of the engine, at x2 a
 def make_upscaler(weights: Path, scale: int) -> tuple[Any, float]:
     """The in-process engine with the job's inference defaults, and the seconds it took to load the
     weights and build it."""
-    from pipeline.engine import build_upscaler
-    from pipeline.jobspec import InferenceSpec
-    from pipeline.storage import Files
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import InferenceSpec
+    from pipeline.io.storage import Files
 
     start = time.perf_counter()
     upscaler = build_upscaler(InferenceSpec(weights=str(weights), device="cpu"), scale, files=Files())
@@ -302,8 +302,8 @@ def run_engine(upscaler: Any, inputs: list[Path], png_compress_level: int) -> En
 
 
 def start_ray() -> None:
-    """Start an embedded local Ray the way ``run_upscale`` does (``pipeline.raycluster.connect``)."""
-    from pipeline.raycluster import connect
+    """Start an embedded local Ray the way ``run_upscale`` does (``pipeline.ray_runtime.session.connect``)."""
+    from pipeline.ray_runtime.session import connect
 
     connect(None)
 
@@ -331,8 +331,9 @@ def run_pipeline(
     ``options``: further ``UpscaleJob`` settings (none: the job's defaults)."""
     import ray
 
+    from pipeline.batch.job import run_upscale
+    from pipeline.config.settings import UpscaleJob
     from pipeline.imaging import decode_image
-    from pipeline.upscale import UpscaleJob, run_upscale
 
     if ray.is_initialized():
         raise RuntimeError("Ray is initialized: the pipeline's time must include its start-up")
@@ -508,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from pipeline.config.settings import UpscaleJob
     from pipeline.imaging import decode_image
-    from pipeline.upscale import UpscaleJob
 
     jobs = args.job or [{}]
     png_level = UpscaleJob.model_fields["png_compress_level"].default

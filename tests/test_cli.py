@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.engine import Upscaler
+from pipeline.core.engine import Upscaler
 from pipeline.imaging import decode_image
-from pipeline.weights import load_pretrained
+from pipeline.io.weights import load_pretrained
 
 PAN_BIN = str(Path(sys.executable).with_name("pan"))
 
@@ -176,13 +176,13 @@ def test_validate_prints_every_problem_of_each_spec(tmp_path, capsys):
 
 
 def test_run_and_submit_print_every_problem_before_anything_starts(tmp_path, capsys, monkeypatch):
-    import pipeline.submit
+    import pipeline.cli.submit
 
     def reached_the_cluster(*args, **kwargs):
         raise AssertionError("a spec that does not validate reached the cluster")
 
-    monkeypatch.setattr(pipeline.submit, "client", reached_the_cluster)
-    monkeypatch.setattr(pipeline.submit, "submit", reached_the_cluster)
+    monkeypatch.setattr(pipeline.cli.submit, "client", reached_the_cluster)
+    monkeypatch.setattr(pipeline.cli.submit, "submit", reached_the_cluster)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.yaml").write_text(BAD_SPEC)
     for argv in (["run", "bad.yaml"], ["submit", "bad.yaml", "--address", "http://127.0.0.1:1", "--wait"]):

@@ -762,7 +762,7 @@ def test_named_job_spec_validates(spec: str):
     path = REPO / spec
     assert path.is_file(), f"{spec}: no such job spec"
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "validate", str(path)],
+        [sys.executable, "-m", "pipeline", "validate", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,

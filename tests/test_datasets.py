@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.datasets as pd
-from pipeline.datasets import BenchmarkPair, PairSource, PatchDataset, div2k_urls, make_pair, open_pairs
+import pipeline.io.pairs as pd
 from pipeline.errors import DatasetError
 from pipeline.imaging import decode_image, encode_image, imresize
 from pipeline.imaging.codec import DecodedImage
-from pipeline.storage import Files
+from pipeline.io.pairs import BenchmarkPair, PairSource, div2k_urls, make_pair, open_pairs
+from pipeline.io.storage import Files
+from pipeline.training.patches import PatchDataset
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """Counts the images that pipeline.datasets decodes."""
+    """Counts the images that pipeline.io.pairs decodes."""
     calls = []
 
     def counting(data, *, name="<bytes>", **kw):

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import Upscaler, resolve_device
+from pipeline.core.engine import Upscaler, resolve_device
+from pipeline.core.model import PAN
+from pipeline.core.tiling import plan_axis
 from pipeline.errors import DeviceError
-from pipeline.imaging import DecodedImage, decode_image
-from pipeline.model import PAN
-from pipeline.storage import Files
-from pipeline.tiling import plan_axis
-from pipeline.weights import load_pretrained
+from pipeline.imaging import DecodedImage, decode_image, upscale_image
+from pipeline.io.storage import Files
+from pipeline.io.weights import load_pretrained
 
 
 def _photo(h=40, w=52):
@@ -66,7 +66,7 @@ def test_tiled_equals_whole_image_on_set14(official, set14_lr, scale):
 
 
 # The README's --tile bullet: the most uint8 levels a tiled output value is off the whole image's,
-# with the default context, per precision (pipeline.tiling says why they differ).
+# with the default context, per precision (pipeline.core.tiling says why they differ).
 TILED_LEVELS = {"fp32": 1, "bf16": 4}
 
 
@@ -76,8 +76,8 @@ def test_tiles_keep_the_readme_bound_in_the_precision_auto_picks(official, set14
     kernels, else fp32; context 24): tiled output within that precision's bound of the whole image;
     and with a context of 40, within one level. 48-px tiles (the most seams) at x4 on barbara (3x4
     windows) and ppt3 (the worst of Set14 x4 in bf16: 3 levels)."""
-    from pipeline.engine import build_upscaler
-    from pipeline.jobspec import InferenceSpec
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import InferenceSpec
 
     spec = InferenceSpec(device="cpu", tile=48)
     tiled = build_upscaler(spec, 4, files=None, model=official[4])
@@ -122,7 +122,7 @@ def test_alpha_is_upscaled_and_reattached():
     up = Upscaler(PAN(scale=3).eval(), device="cpu")
     alpha = np.full((40, 52), 255, np.uint8)
     alpha[:, :10] = 0
-    out = up.upscale_image(DecodedImage(_photo(), alpha, "RGBA", "PNG"))
+    out = upscale_image(up, DecodedImage(_photo(), alpha, "RGBA", "PNG"))
     assert out.pixels.shape == (120, 156, 3) and out.alpha.shape == (120, 156)
     assert out.alpha[:, :25].max() == 0 and out.alpha[:, 40:].min() == 255
 
@@ -205,7 +205,7 @@ def test_the_next_batch_is_launched_before_the_last_one_is_collected(official, s
 def test_compile_is_bounded_and_falls_back_to_eager(official, monkeypatch):
     """Compiled graphs are kept for MAX_COMPILED_SHAPES window shapes, later shapes run eagerly,
     and a compile that fails leaves an eager engine with the same output."""
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     calls: list[tuple[int, ...]] = []
 
@@ -234,8 +234,8 @@ def test_compile_is_bounded_and_falls_back_to_eager(official, monkeypatch):
 
 
 def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, weights_dir):
-    from pipeline.engine import build_upscaler
-    from pipeline.jobspec import EvalJob, InferenceSpec, UpscaleJob
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import EvalJob, InferenceSpec, UpscaleJob
 
     spec = InferenceSpec(weights=str(weights_dir / "PANx3_DF2K.pth"), device="cpu", tile=64, context=16,
                          batch_size=2)  # fmt: skip
@@ -247,11 +247,11 @@ def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, 
     )  # a model in training
     assert trained.weights_info.id == official[2].weights_info.id
     # every setting but the weights reaches the engine, under its own name
-    import pipeline.engine as engine
+    import pipeline.config.builder as builder
 
     given = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "Upscaler", lambda model, **kwargs: given.update(kwargs))
+        patch.setattr(builder, "Upscaler", lambda model, **kwargs: given.update(kwargs))
         odd = InferenceSpec(device="cpu", precision="bf16", tile=48, context=8, batch_size=3, compile=True,
                             cuda_graphs=False)  # fmt: skip
         build_upscaler(odd, 2, files=None, model=official[2])
@@ -266,7 +266,7 @@ def test_one_builder_makes_every_upscaler_from_the_inference_settings(official, 
 
 
 def test_precision_auto_picks_the_fastest_precision_of_equal_quality(monkeypatch):
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     cpu = torch.device("cpu")
     assert Upscaler(PAN(scale=2), device="cpu", precision="auto").precision in engine.EQUAL_QUALITY["cpu"]
@@ -287,7 +287,7 @@ def test_precision_auto_does_not_time_what_cannot_win(monkeypatch):
     """On a CPU without oneDNN's bf16 kernels (AVX2 only), bf16 is no candidate: it ran 9.4x slower
     than fp32 there, and timing it made every run 6-13 s longer. Elsewhere, a precision slower than
     fp32 in a round is not timed in the rounds left."""
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine, "cpu_has_bf16_kernels", lambda: False)
@@ -317,8 +317,8 @@ def test_precision_auto_does_not_time_what_cannot_win(monkeypatch):
 def test_bf16_with_the_skip_in_fp32_scores_within_002_db_of_fp32_on_set5(official, benchmarks_dir):
     """What lets precision=auto pick bf16 on the CPU (engine.EQUAL_QUALITY); Set5 x2 is the closest
     call: -0.0201 dB with the skip in bf16 too, -0.0045 dB with it in fp32."""
-    from pipeline.datasets import load_benchmark
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.scoring import evaluate
+    from pipeline.io.pairs import load_benchmark
 
     _, pairs = load_benchmark(str(benchmarks_dir / "Set5"), 2)
     fp32 = evaluate(Upscaler(official[2], device="cpu"), "Set5", pairs).psnr_y
@@ -330,8 +330,8 @@ _FAULTS = """
 import resource, sys
 import numpy as np
 import torch
-import pipeline.engine as engine
-from pipeline.model import PAN
+import pipeline.core.engine as engine
+from pipeline.core.model import PAN
 torch.set_num_threads(1)
 if sys.argv[1] == "off":
     engine.keep_freed_memory = lambda: False
@@ -384,7 +384,7 @@ class _Replay:
 
 
 def _fake_recording(monkeypatch, recorded):
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     def record(graphs, x):
         static_x = x.clone()
@@ -398,7 +398,7 @@ def _fake_recording(monkeypatch, recorded):
 def test_cuda_graphs_are_recorded_for_recurring_shapes_and_bounded(official, monkeypatch):
     """A shape is run eagerly the first time, recorded the second, replayed after; the first
     ``limit`` shapes recorded stay, later ones run eagerly, and the shapes seen once are bounded."""
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     recorded: list[tuple[int, ...]] = []
     _fake_recording(monkeypatch, recorded)
@@ -424,7 +424,7 @@ def test_cuda_graphs_are_recorded_for_recurring_shapes_and_bounded(official, mon
 def test_only_shapes_within_the_graphs_memory_share_are_graphed_and_failures_run_eagerly(
     official, monkeypatch
 ):
-    import pipeline.engine as engine
+    import pipeline.core.engine as engine
 
     recorded: list[tuple[int, ...]] = []
     _fake_recording(monkeypatch, recorded)
@@ -488,7 +488,7 @@ def test_calls_from_two_threads_compute_one_at_a_time(official, monkeypatch):
 
 
 def test_the_gpu_memory_budget_is_half_the_free_memory_times_the_share(monkeypatch):
-    from pipeline.engine import default_memory_budget
+    from pipeline.core.engine import default_memory_budget
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 << 30, 80 << 30))  # free, total
     assert default_memory_budget(torch.device("cuda")) == 4 << 30

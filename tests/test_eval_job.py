@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.engine import Upscaler
+from pipeline.core.engine import Upscaler
 from pipeline.errors import DatasetError, PipelineError, WeightsError
-from pipeline.eval_job import evaluate_many
-from pipeline.evaluate import evaluate, load_benchmark
-from pipeline.report import GAP, LABEL_HEIGHT
-from pipeline.storage import Files
-from pipeline.weights import load_pretrained
+from pipeline.evaluation.job import evaluate_many
+from pipeline.evaluation.report import GAP, LABEL_HEIGHT
+from pipeline.evaluation.scoring import evaluate
+from pipeline.io.pairs import load_benchmark
+from pipeline.io.storage import Files
+from pipeline.io.weights import load_pretrained
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
@@ -127,7 +128,7 @@ def test_bad_weights_fail_before_any_ray_work(weights_dir, benchmarks_dir, monke
     def no_ray(address):
         raise AssertionError("Ray was reached")
 
-    monkeypatch.setattr("pipeline.eval_job.connect", no_ray)
+    monkeypatch.setattr("pipeline.evaluation.job.connect", no_ray)
     sources = [str(benchmarks_dir / "Set5")]
     with pytest.raises(WeightsError, match=r"holds x2 weights .*put \{scale\} in the weights path"):
         evaluate_many(sources, [2, 3], str(weights_dir / "PANx2_DF2K.pth"))
@@ -140,8 +141,8 @@ def test_two_batches_at_once_build_each_scales_engine_once(weights_dir, monkeypa
     import threading
     import time
 
-    from pipeline.eval_job import EvalActor
-    from pipeline.jobspec import EvalJob
+    from pipeline.config.settings import EvalJob
+    from pipeline.evaluation.job import EvalActor
 
     built = []
 
@@ -150,7 +151,7 @@ def test_two_batches_at_once_build_each_scales_engine_once(weights_dir, monkeypa
         time.sleep(0.2)  # loading weights: the window in which a second call would build again
         return object()
 
-    monkeypatch.setattr("pipeline.engine.build_upscaler", slow_build)
+    monkeypatch.setattr("pipeline.config.builder.build_upscaler", slow_build)
     job = EvalJob(data=["Set5"], scale=[2, 4], weights=_weights(weights_dir), device="cpu")
     actor = EvalActor(job, threads=torch.get_num_threads())  # this process's, left as they are
     got = []

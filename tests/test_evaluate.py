@@ -4,10 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.engine import Upscaler
+from pipeline.core.engine import Upscaler
 from pipeline.errors import DatasetError
-from pipeline.evaluate import evaluate, load_benchmark
-from pipeline.weights import load_pretrained
+from pipeline.evaluation.scoring import evaluate
+from pipeline.io.pairs import load_benchmark
+from pipeline.io.weights import load_pretrained
 
 # ../shared/README.md: the means that the official weights give under the paper's protocol
 EXPECTED = {

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import build_upscaler
-from pipeline.evaluate import evaluate, load_benchmark
-from pipeline.jobspec import InferenceSpec
-from pipeline.storage import Files
+from pipeline.config.builder import build_upscaler
+from pipeline.config.settings import InferenceSpec
+from pipeline.evaluation.scoring import evaluate
+from pipeline.io.pairs import load_benchmark
+from pipeline.io.storage import Files
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,7 +67,7 @@ def test_recurring_shapes_replay_cuda_graphs_with_the_eager_output(weights_dir, 
     """Shapes that recur are replayed from CUDA graphs, with the eager engine's output (within a
     level: the kernels are the same); a batch in flight while the next one replays the same graph
     must not be overwritten (one window per batch, two images of each shape)."""
-    from pipeline.engine import MAX_GRAPHED_SHAPES
+    from pipeline.core.engine import MAX_GRAPHED_SHAPES
     from pipeline.imaging import decode_image
 
     files = sorted((benchmarks_dir / "Set5/LR_bicubic/X4").glob("*.png"))
@@ -97,7 +98,8 @@ def test_pan_upscale_on_a_gpu_actor(benchmarks_dir, weights_dir, tmp_path):
 
 
 def test_train_a_few_steps_with_nccl_and_amp_then_resume(shared_dir, tmp_path):
-    from pipeline.train import TrainJob, run_training
+    from pipeline.config.settings import TrainJob
+    from pipeline.training.job import run_training
 
     data = str(shared_dir / "train/BSDS200")
     settings = {"data": data, "scale": 2, "name": "gpu", "storage": str(tmp_path), "workers": 1, "gpu": True,

@@ -7,8 +7,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser, main
-from pipeline.errors import InvalidSettingsError, SettingsError
-from pipeline.jobspec import (
+from pipeline.config.settings import (
     AUTO,
     DEFAULT_WEIGHTS,
     KINDS,
@@ -17,10 +16,10 @@ from pipeline.jobspec import (
     EvalJob,
     TrainJob,
     UpscaleJob,
-    build_job,
-    load_spec,
 )
-from pipeline.storage import is_url
+from pipeline.config.specfile import build_job, load_spec
+from pipeline.errors import InvalidSettingsError, SettingsError
+from pipeline.io.storage import is_url
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))

@@ -17,10 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lease as lease_module
+from pipeline.batch import lease as lease_module
+from pipeline.batch.lease import (
+    EXIT_LEASE_HELD,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
+    LeaseRecord,
+    lease_holder,
+)
 from pipeline.errors import DestinationError, StorageError
-from pipeline.lease import EXIT_LEASE_HELD, Lease, LeaseHeldError, LeaseLostError, LeaseRecord, lease_holder
-from pipeline.storage import Files
+from pipeline.io.storage import Files
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
@@ -144,7 +151,7 @@ linux = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs 
 
 def _took_over(place: str, caplog, *words: str) -> None:
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.lease"), Lease(place, "next", FILES):
+    with caplog.at_level(logging.WARNING, logger="pipeline.batch.lease"), Lease(place, "next", FILES):
         assert _holder(place)["run_id"] == "next"
     assert time.monotonic() - started < 5  # at once, not after the holder's lease (300 s) runs out
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -246,7 +253,7 @@ def test_without_proc_only_the_pid_is_asked_about(tmp_path, caplog, monkeypatch)
 
 def test_the_lease_of_a_killed_process_is_taken_over_at_once(tmp_path, caplog):
     place = str(tmp_path / "dest" / "_lease")
-    take = "import sys, time; from pipeline.lease import Lease; from pipeline.storage import Files; "
+    take = "import sys, time; from pipeline.batch.lease import Lease; from pipeline.io.storage import Files; "
     take += "Lease(sys.argv[1], 'victim', Files()).acquire(); "
     victim = subprocess.Popen(
         [sys.executable, "-c", take + "print('held', flush=True); time.sleep(120)", place],

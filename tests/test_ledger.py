@@ -14,10 +14,11 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from s3fs import S3FileSystem
 
+from pipeline.batch.job import run_upscale
+from pipeline.batch.ledger import MANIFEST_SCHEMA, read_ledger
 from pipeline.cli import main
-from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.storage import Files, join
-from pipeline.upscale import UpscaleJob, run_upscale
+from pipeline.config.settings import UpscaleJob
+from pipeline.io.storage import Files, join
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from pipeline.core.metrics import psnr_y, rgb_to_y, ssim_y
 from pipeline.imaging import decode_image
-from pipeline.metrics import psnr_y, rgb_to_y, ssim_y
 
 
 def _gradient(h=64, w=80):

@@ -4,13 +4,13 @@ gives up on, and how a killed run's commits are read back."""
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.batch.ledger import MANIFEST_SCHEMA, RunLog, read_ledger, run_rows
+from pipeline.batch.planner import plan_units
+from pipeline.batch.sinks import PartBuffer
+from pipeline.batch.sources import InputUnit
+from pipeline.config.settings import UpscaleJob
 from pipeline.errors import DestinationError
-from pipeline.ledger import MANIFEST_SCHEMA, RunLog, read_ledger, run_rows
-from pipeline.planner import plan_units
-from pipeline.sinks import PartBuffer
-from pipeline.sources import InputUnit
-from pipeline.storage import Files
-from pipeline.upscale import UpscaleJob
+from pipeline.io.storage import Files
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 

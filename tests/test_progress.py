@@ -1,11 +1,11 @@
 import io
 
-from pipeline.progress import JobProgress
+from pipeline.cli.progress import JobProgress
 
 
 def test_status_line_counts_rate_and_time_left(monkeypatch):
     clock = iter([100.0, 100.0, 110.0, 110.0])
-    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("pipeline.cli.progress.time.monotonic", lambda: next(clock))
     progress = JobProgress("upscaling", stream=io.StringIO(), live=False)
     # 10 inputs skipped at the start, then 5 done in 10 s: 25 left at that rate is 50 s
     assert (

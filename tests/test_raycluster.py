@@ -1,4 +1,4 @@
-"""pipeline.raycluster: the pieces that need no Ray, then with a local Ray, then an embedded one."""
+"""pipeline.ray_runtime: the pieces that need no Ray, then with a local Ray, then an embedded one."""
 
 import os
 import socket
@@ -9,8 +9,9 @@ import types
 import pytest
 from ray.exceptions import RaySystemError
 
-from pipeline.raycluster import CPUS_LEFT_TO_TASKS, _after_shutdown, _leave_cpus_to_tasks
-from pipeline.storage import Files
+from pipeline.io.storage import Files
+from pipeline.ray_runtime.pool import CPUS_LEFT_TO_TASKS, _leave_cpus_to_tasks
+from pipeline.ray_runtime.session import _after_shutdown
 
 
 def _finalizer(module: str):
@@ -27,7 +28,7 @@ def test_only_ray_data_finalizers_that_outlive_ray_are_silenced():
     gone = RaySystemError("Ray has not been started yet.")
     dropped = types.SimpleNamespace(exc_value=gone, object=_finalizer("ray.data._internal.execution.x"))
     kept = [
-        types.SimpleNamespace(exc_value=gone, object=_finalizer("pipeline.upscale")),
+        types.SimpleNamespace(exc_value=gone, object=_finalizer("pipeline.batch.job")),
         types.SimpleNamespace(exc_value=ValueError("x"), object=_finalizer("ray.data.y")),
     ]
     for unraisable in [dropped, *kept]:
@@ -63,7 +64,7 @@ def _agree(choices, kind: str, fails: bool = False) -> tuple[list[str], list[str
     import threading
     import time
 
-    from pipeline.raycluster import agreed_build
+    from pipeline.ray_runtime.consensus import agreed_build
 
     asked, got = [], []
 
@@ -92,7 +93,7 @@ def _agree(choices, kind: str, fails: bool = False) -> tuple[list[str], list[str
 
 
 def test_a_pools_actors_measure_auto_once_and_all_take_its_choice(local_ray):
-    from pipeline.raycluster import precision_choices
+    from pipeline.ray_runtime.consensus import precision_choices
 
     assert precision_choices("fp32", 4) is None and precision_choices("auto", 1) is None
     choices = precision_choices("auto", 3)
@@ -103,7 +104,7 @@ def test_a_pools_actors_measure_auto_once_and_all_take_its_choice(local_ray):
 
 
 def test_when_the_measuring_actor_fails_the_others_measure_for_themselves(local_ray):
-    from pipeline.raycluster import precision_choices
+    from pipeline.ray_runtime.consensus import precision_choices
 
     asked, got = _agree(precision_choices("auto", 3), "x2 cpu AVX2", fails=True)
     assert asked == ["auto"] * 3 and got == ["CUDA out of memory"] * 3
@@ -111,7 +112,7 @@ def test_when_the_measuring_actor_fails_the_others_measure_for_themselves(local_
 
 def test_without_choices_an_actor_builds_in_the_precision_it_was_given():
     """One actor, or a precision given: no agreement, and ``fp32`` stays fp32 (not ``auto``)."""
-    from pipeline.raycluster import agreed_build
+    from pipeline.ray_runtime.consensus import agreed_build
 
     asked = []
     for precision in ("fp32", "auto"):
@@ -123,7 +124,7 @@ def test_a_device_kind_names_the_cpu_and_a_missing_gpu_does_not_raise():
     """The engine, built next, raises the typed error for a GPU that CUDA cannot see."""
     import torch
 
-    from pipeline.raycluster import device_kind
+    from pipeline.ray_runtime.consensus import device_kind
 
     assert device_kind("cpu").startswith(f"cpu {torch.backends.cpu.get_cpu_capability()} ")
     if not torch.cuda.is_available():
@@ -132,7 +133,7 @@ def test_a_device_kind_names_the_cpu_and_a_missing_gpu_does_not_raise():
 
 def test_when_the_choices_are_lost_each_actor_measures_for_itself(local_ray):
     """Their node gone mid-run: an actor restarted elsewhere must still start."""
-    from pipeline.raycluster import agreed_build, precision_choices
+    from pipeline.ray_runtime.consensus import agreed_build, precision_choices
 
     choices = precision_choices("auto", 2)
     local_ray.kill(choices)
@@ -143,7 +144,7 @@ def test_when_the_choices_are_lost_each_actor_measures_for_itself(local_ray):
 
 def test_a_restarted_measurer_measures_again_and_the_others_take_its_answer(local_ray):
     """Ray restarts a dead actor under the same id: it must not wait for its own lost answer."""
-    from pipeline.raycluster import precision_choices
+    from pipeline.ray_runtime.consensus import precision_choices
 
     choices = precision_choices("auto", 2)
     assert local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) is None  # a measures
@@ -161,8 +162,8 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
     threads its pool gave it (``ActorPool.threads``), whichever job the actor belongs to."""
     import torch
 
-    from pipeline.jobspec import InferenceSpec
-    from pipeline.raycluster import actor_upscaler
+    from pipeline.config.settings import InferenceSpec
+    from pipeline.ray_runtime.pool import actor_upscaler
 
     built = []
 
@@ -170,7 +171,7 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
         built.append(settings)
         return _Engine(spec.precision)
 
-    monkeypatch.setattr("pipeline.engine.build_upscaler", build_upscaler)
+    monkeypatch.setattr("pipeline.config.builder.build_upscaler", build_upscaler)
     before = torch.get_num_threads()
     try:
         for threads in (1, 3):
@@ -184,7 +185,7 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
 
 _FIRST_TASK = """
 import os, time, psutil, ray
-from pipeline.raycluster import connect, shutdown_on_exit
+from pipeline.ray_runtime.session import connect, shutdown_on_exit
 
 with shutdown_on_exit():
     connect(None)
@@ -212,7 +213,7 @@ def test_an_embedded_rays_first_task_runs_on_a_worker_ray_started_ahead():
 
 _CONNECT = """
 import ray
-from pipeline.raycluster import connect, shutdown_on_exit
+from pipeline.ray_runtime.session import connect, shutdown_on_exit
 
 with shutdown_on_exit():
     connect(None)

@@ -3,8 +3,8 @@
 import multiprocessing
 import os
 
-from pipeline import sinks
-from pipeline.storage import Files
+from pipeline.batch import sinks
+from pipeline.io.storage import Files
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
@@ -49,7 +49,7 @@ def test_a_staging_folder_on_another_filesystem_still_writes_in_place(tmp_path, 
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_replace(src, dst)
 
-    monkeypatch.setattr("pipeline.storage.os.replace", replace)
+    monkeypatch.setattr("pipeline.io.storage.os.replace", replace)
     dest = str(tmp_path / "out")
     sinks.write_png(dest, "c0/bird.png", b"\x89PNG bird", FILES)
     assert (tmp_path / "out/c0/bird.png").read_bytes() == b"\x89PNG bird"

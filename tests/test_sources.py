@@ -4,8 +4,8 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sources import COLLISION, HIDDEN, OTHER, InputUnit, list_inputs, read_unit
-from pipeline.storage import Files
+from pipeline.batch.sources import COLLISION, HIDDEN, OTHER, InputUnit, list_inputs, read_unit
+from pipeline.io.storage import Files
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 

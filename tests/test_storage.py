@@ -1,4 +1,4 @@
-"""pipeline.storage: a job's files reached through one ``Files`` object, which no code path can
+"""pipeline.io.storage: a job's files reached through one ``Files`` object, which no code path can
 leave out: no module but storage touches fsspec, and every loader that takes ``files`` gets it."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StorageError
-from pipeline.storage import Files
+from pipeline.io.storage import Files
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Functions that read through ``files`` and default to no options for library users: inside the
@@ -23,7 +23,7 @@ def _modules():
 
 def test_no_module_but_storage_reaches_files_on_its_own():
     for name, tree in _modules():
-        if name == "storage.py":
+        if name == "io/storage.py":
             continue
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

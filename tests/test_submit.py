@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.jobspec import load_spec
-from pipeline.submit import LOCK_FILE, PROJECT_ROOT, staged_job, submission_id
+from pipeline.cli.submit import LOCK_FILE, PROJECT_ROOT, staged_job, submission_id
+from pipeline.config.specfile import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -337,7 +337,7 @@ def test_the_shipped_job_is_the_validated_spec(tmp_path):
     assert command == "python -m pipeline run nightly-upscale.yaml"
     # the package and the spec: not the checkout's outputs, runs, data or virtualenvs
     assert sorted(p.name for p in staging.iterdir()) == ["nightly-upscale.yaml", "pipeline"]
-    assert (staging / "pipeline/cli.py").is_file() and not list(staging.rglob("__pycache__"))
+    assert (staging / "pipeline/cli/__init__.py").is_file() and not list(staging.rglob("__pycache__"))
     pins = (PROJECT_ROOT / LOCK_FILE).read_text()
     assert env["pip"] and all(line in pins for line in env["pip"])
     assert any(line.startswith("ray==") for line in env["pip"])

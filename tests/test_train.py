@@ -17,11 +17,13 @@ import psutil
 import pytest
 
 from pipeline.cli import main
-from pipeline.engine import Upscaler
-from pipeline.evaluate import evaluate, load_benchmark
-from pipeline.storage import Files
-from pipeline.train import TrainJob, run_training
-from pipeline.weights import load_pretrained
+from pipeline.config.settings import TrainJob
+from pipeline.core.engine import Upscaler
+from pipeline.evaluation.scoring import evaluate
+from pipeline.io.pairs import load_benchmark
+from pipeline.io.storage import Files
+from pipeline.io.weights import load_pretrained
+from pipeline.training.job import run_training
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 
@@ -176,8 +178,8 @@ def _training(ema: bool, amp: bool):
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from pipeline.model import PAN
-    from pipeline.train import _Training
+    from pipeline.core.model import PAN
+    from pipeline.training.loop import _Training
 
     model = PAN(scale=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=7e-4)

@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 
 import pipeline
+from pipeline.batch.job import run_upscale
+from pipeline.batch.stages import psnr_vs_bicubic
 from pipeline.cli import main
+from pipeline.config.settings import UpscaleJob
 from pipeline.errors import DestinationError
 from pipeline.imaging import decode_image
-from pipeline.raycluster import ActorPool, actor_pool
-from pipeline.storage import Files
-from pipeline.upscale import UpscaleJob, psnr_vs_bicubic, run_upscale
+from pipeline.io.storage import Files
+from pipeline.ray_runtime.pool import ActorPool, actor_pool
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 

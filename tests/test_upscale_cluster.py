@@ -13,11 +13,13 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.batch.job import run_upscale
+from pipeline.batch.ledger import MANIFEST_SCHEMA, read_ledger
+from pipeline.config.settings import UpscaleJob
 from pipeline.errors import DeviceError
-from pipeline.ledger import MANIFEST_SCHEMA, read_ledger
-from pipeline.raycluster import WATCHDOG_MARK, ActorPool, actor_gpu_share, actor_pool
-from pipeline.storage import Files
-from pipeline.upscale import UpscaleJob, run_upscale
+from pipeline.io.storage import Files
+from pipeline.ray_runtime.pool import ActorPool, actor_gpu_share, actor_pool
+from pipeline.ray_runtime.session import WATCHDOG_MARK
 
 FILES = Files()  # no storage options: local files and the loopback S3 of the environment
 

@@ -2,11 +2,12 @@
 
 import pytest
 
+from pipeline.batch.planner import plan
+from pipeline.batch.sources import InputUnit
+from pipeline.batch.stages import read_blocks
 from pipeline.cli import main
+from pipeline.config.settings import UpscaleJob
 from pipeline.errors import PipelineError
-from pipeline.planner import plan
-from pipeline.sources import InputUnit
-from pipeline.upscale import UpscaleJob, read_blocks
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 

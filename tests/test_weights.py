@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import Upscaler
+import pipeline
+from pipeline.core.engine import Upscaler
+from pipeline.core.model import PAN
 from pipeline.errors import WeightsError
 from pipeline.imaging import decode_image
-from pipeline.model import PAN
-from pipeline.weights import KNOWN_WEIGHTS, load_pretrained, pt_name, safetensors_name, save_pretrained
+from pipeline.io.weights import KNOWN_WEIGHTS, load_pretrained, pt_name, safetensors_name, save_pretrained
 
 
 def _model(scale: int, seed: int = 0) -> PAN:
@@ -40,13 +41,13 @@ def test_official_round_trip_is_bit_identical(weights_dir, benchmarks_dir, tmp_p
     lr = decode_image((benchmarks_dir / "Set5/LR_bicubic/X2/birdx2.png").read_bytes()).pixels
     official = load_pretrained(weights_dir / "PANx2_DF2K.pth", scale=2)
     assert official.weights_info.known.id == "PANx2_DF2K"
-    official.save_pretrained(tmp_path / "export")
+    save_pretrained(official, tmp_path / "export")
     assert {p.name for p in (tmp_path / "export").iterdir()} == {
         "config.json",
         pt_name(2),
         safetensors_name(2),
     }
-    again = PAN.from_pretrained(tmp_path / "export", scale=2)
+    again = pipeline.load_pretrained(tmp_path / "export", scale=2)
     assert _same_tensors(official, again)
     assert _same_outputs(official, again, lr)
     # the .pt alone (super-image's layout without our safetensors) gives the same weights

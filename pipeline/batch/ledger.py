@@ -10,7 +10,7 @@
 
 Statuses: ``succeeded``; ``failed`` (``attempts`` counts the runs that tried it, this one
 included); ``adopted`` (found finished in the destination by a rescan, made before the ledger).
-Keys are the input keys of ``pipeline.sources``; ``unit`` is the source file a key came from (the
+Keys are the input keys of ``pipeline.batch.sources``; ``unit`` is the source file a key came from (the
 key itself for an image file; the shard for a shard member), ``unit_rows`` the inputs that file held.
 
 **Planning reads the ledger, never the outputs.** The latest entry of each key, from the runs since
@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.batch.sinks import RUNS_DIR, PartBuffer, parquet_bytes, part_name, write_errors
 from pipeline.errors import DestinationError
-from pipeline.sinks import RUNS_DIR, PartBuffer, parquet_bytes, part_name, write_errors
-from pipeline.storage import Files, join, reported
+from pipeline.io.storage import Files, join, reported
 
 MANIFEST_SCHEMA = pa.schema(
     [

@@ -19,7 +19,7 @@ its own. A holder is known dead
   where the record has them, the same boot (``boot_id``) and pid namespace: a rebooted host, or
   another container that shares the host name, counts its pids afresh. A holder on another host is
   judged by expiry alone: its pids cannot be looked up from here.
-Taking over a dead process's lease is logged as a warning (logger ``pipeline.lease``) that names the
+Taking over a dead process's lease is logged as a warning (logger ``pipeline.batch.lease``) that names the
 dead run, its pid and why it is known dead.
 
 Two runs that find the same dead lease at the same moment both remove it; the atomic create lets
@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipeline.errors import DestinationError, PipelineError
-from pipeline.storage import Files
+from pipeline.io.storage import Files
 
 DEFAULT_TTL_S = 300.0
 EXIT_LEASE_HELD = 75  # EX_TEMPFAIL: the destination is busy; try again later

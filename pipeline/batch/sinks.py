@@ -4,26 +4,26 @@ Layout under DEST (this module owns it, names included):
 - ``<name>``: the PNG tree, format ``png``/``both``. ``name`` comes from the input's key
   (``output_name``): ``sub/photo.jpg`` -> ``sub/photo.png``; a member ``m.jpg`` of shard
   ``sub/s.tar`` (or ``.parquet``) -> ``sub/s/m.png``. A name belongs to the first input that
-  took it, across runs (``pipeline.planner``); no name lies in pan's own files below
+  took it, across runs (``pipeline.batch.planner``); no name lies in pan's own files below
   (``RESERVED``).
 - ``parquet/part-<run id>-<n>.parquet``: one row per output (format ``parquet``/``both``), see
   ``PARQUET_SCHEMA``, in parts of up to ``parquet_part_rows`` rows or about ``parquet_part_bytes``
   (``PartBuffer``). A part is named by the run and its commit number, and each output's row is in
-  exactly one part: the run ledger says which (``pipeline.ledger``). An input that changed since it
+  exactly one part: the run ledger says which (``pipeline.batch.ledger``). An input that changed since it
   was upscaled gets a new row from the run that redid it; the older row stays, with its own
   ``input_sha256`` and ``run_id``, so the latest ``run_id`` per ``name`` is the current one.
 - ``_errors/<run id>-<n>.parquet``: the errors table (``ERRORS_SCHEMA``), one file per commit, kept
   across runs: ``pyarrow.parquet.read_table(DEST + "/_errors")`` is every run's failures and
   quality-gate flags.
-- ``_runs/<run id>/``: the run ledger (``pipeline.ledger``): what each run took and did.
+- ``_runs/<run id>/``: the run ledger (``pipeline.batch.ledger``): what each run took and did.
 - ``_summary.json``: the counts, throughput and cost of the last run;
 - ``_pan.json``: the destination record: it says the destination is ours and which scale and
   weights made its outputs (``DestinationRecord``);
-- ``_lease``: held by the run working on the destination (``pipeline.lease``).
+- ``_lease``: held by the run working on the destination (``pipeline.batch.lease``).
 - ``_staging/``: the temporaries of PNG writes in progress (local destinations): a writer killed
   mid-write leaves its temporary there, not in the PNG tree; every run clears it as it starts and
   as it finishes.
-Every file appears under its final name only when complete (see ``pipeline.storage``).
+Every file appears under its final name only when complete (see ``pipeline.io.storage``).
 
 A destination is claimed before any work (``claim_dest``): a new or empty one gets a record; one
 with a record is ours, and is refused when the run's scale or weights differ from it, unless the
@@ -48,15 +48,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DestinationError
-from pipeline.storage import Files, is_url, join, reported
+from pipeline.io.storage import Files, is_url, join, reported
 
-SINKS = {"png": ("png",), "parquet": ("parquet",), "both": ("png", "parquet")}  # format -> sinks
 PARQUET_DIR = "parquet"
 ERRORS_DIR = "_errors"
-RUNS_DIR = "_runs"  # pipeline.ledger
+RUNS_DIR = "_runs"  # pipeline.batch.ledger
 SUMMARY_NAME = "_summary.json"
 RECORD_NAME = "_pan.json"
-LEASE_NAME = "_lease"  # pipeline.lease: one run at a time
+LEASE_NAME = "_lease"  # pipeline.batch.lease: one run at a time
 STAGING_DIR = "_staging"
 # pan's own names at the top of DEST: no output may lie in or on them (``reserved_by``)
 RESERVED = (PARQUET_DIR, ERRORS_DIR, RUNS_DIR, SUMMARY_NAME, RECORD_NAME, LEASE_NAME, STAGING_DIR)
@@ -145,7 +144,7 @@ class DestinationRecord:
     # Set while an --overwrite run replaces outputs made with other settings: until one finishes,
     # the destination mixes both, and only another --overwrite run may continue.
     replacing: dict[str, Any] | None = None
-    # The first run whose ledger counts (pipeline.ledger): an --overwrite run starts afresh.
+    # The first run whose ledger counts (pipeline.batch.ledger): an --overwrite run starts afresh.
     ledger_since: str | None = None
 
     def differs(self, other: DestinationRecord) -> bool:

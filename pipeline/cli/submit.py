@@ -50,12 +50,12 @@ from typing import Any, TextIO
 
 import yaml
 
+from pipeline.config.specfile import Spec
 from pipeline.errors import ClusterError, SettingsError
-from pipeline.jobspec import Spec
-from pipeline.raycluster import job_log_lines
+from pipeline.ray_runtime.quiet import job_log_lines
 
 RUNTIME_ENVS = ("installed", "working-dir")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when pan runs from one
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when pan runs from one
 LOCK_FILE = "requirements.lock"
 POLL_S = 2.0
 LOG_TAIL_LINES = 40
@@ -98,7 +98,8 @@ def client(address: str | None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.raycluster import auth_token, quiet_loggers
+    from pipeline.ray_runtime.quiet import quiet_loggers
+    from pipeline.ray_runtime.session import auth_token
 
     quiet_loggers()
     url = dashboard_address(address)

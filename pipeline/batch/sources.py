@@ -9,7 +9,7 @@ for a shard member. Each row also has its output ``name``, made from the key by
 makes runs idempotent.
 
 Each unit carries the size and version (ETag, else modification time) the listing gave: what the
-run ledger compares to find new and changed inputs (``pipeline.ledger``).
+run ledger compares to find new and changed inputs (``pipeline.batch.ledger``).
 
 What is not an input is counted, never dropped unseen (``Listing``): hidden files and folders (a
 path part starting with ``.``: editors' and systems' own files, ``.DS_Store``, ``.git``) and files
@@ -35,10 +35,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.batch.sinks import output_name, shard_prefix
 from pipeline.errors import PipelineError
 from pipeline.imaging import IMAGE_SUFFIXES
-from pipeline.sinks import output_name, shard_prefix
-from pipeline.storage import Files, join, reported
+from pipeline.io.storage import Files, join, reported
 
 KEY_COLUMNS = ("key", "__key__", "path", "name", "filename")  # a Parquet shard's own row names
 
@@ -55,7 +55,7 @@ class InputUnit:
     # sink -> this unit's output names already written there (for a shard: its members')
     written: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # a shard's member output names that other inputs own (name -> the owner's key): those members
-    # are collisions (``pipeline.planner``)
+    # are collisions (``pipeline.batch.planner``)
     taken: Mapping[str, str] = field(default_factory=dict)
 
 

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.jobspec import SCALES
-
 if TYPE_CHECKING:
-    from pathlib import Path
+    pass
+
+
+SCALES = (2, 3, 4)  # the upscaling factors PAN is defined for
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class SCPA(nn.Module):
 class PAN(nn.Module):
     """Pixel Attention Network for x2, x3 or x4 super-resolution.
 
-    Build one with ``PAN(scale=4)`` (random weights) or ``PAN.from_pretrained(source, scale=4)``.
+    Build one with ``PAN(scale=4)`` (random weights); ``pipeline.load_pretrained(source, scale=4)``
+    loads published or trained weights (``pipeline.io.weights``).
     """
 
     def __init__(self, config: PANConfig | None = None, **overrides: int) -> None:
@@ -136,7 +138,7 @@ class PAN(nn.Module):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The network's detail, added to ``skip`` (split out so that the skip may run in fp32
-        while the network runs in reduced precision: see ``pipeline.engine``)."""
+        while the network runs in reduced precision: see ``pipeline.core.engine``)."""
         fea = self.conv_first(x)
         fea = fea + self.trunk_conv(self.SCPA_trunk(fea))
         # x4 is two x2 stages; x2 and x3 are one stage at the full factor.
@@ -153,16 +155,3 @@ class PAN(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path | None = None, *, scale: int, **kwargs: Any) -> PAN:
-        """Load weights; see :func:`pipeline.weights.load_pretrained` for the accepted sources."""
-        from pipeline.weights import load_pretrained
-
-        return load_pretrained(source, scale=scale, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write super-image's layout; see :func:`pipeline.weights.save_pretrained`."""
-        from pipeline.weights import save_pretrained
-
-        save_pretrained(self, directory)

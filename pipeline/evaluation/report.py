@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.evaluate import EvalReport
+from pipeline.evaluation.scoring import EvalReport
 
 LABEL_HEIGHT = 28
 GAP = 8

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.storage import is_url, resolve_location
+from pipeline.io.storage import is_url, resolve_location
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CONNECT_TIMEOUT_S = 3.0

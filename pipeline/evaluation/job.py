@@ -22,30 +22,25 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.settings import SCALE_PLACEHOLDER, EvalJob
 from pipeline.errors import PipelineError, WeightsError
-from pipeline.evaluate import BenchmarkPair, EvalReport, ImageScore, load_benchmark, score_pair
-from pipeline.jobspec import SCALE_PLACEHOLDER, EvalJob
-from pipeline.raycluster import (
-    actor_pool,
-    actor_upscaler,
-    connect,
-    data_context,
-    dataset_batches,
-    model_stage,
-)
+from pipeline.evaluation.scoring import EvalReport, ImageScore, score_pair
+from pipeline.io.pairs import BenchmarkPair, load_benchmark
+from pipeline.ray_runtime.pool import actor_pool, actor_upscaler, data_context, dataset_batches, model_stage
+from pipeline.ray_runtime.session import connect
 
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
 
 
 def comparison_location(compare_dir: str, dataset: str, scale: int, image: str) -> str:
-    from pipeline.storage import join
+    from pipeline.io.storage import join
 
     return join(compare_dir, f"{dataset}/x{scale}/{image}.png")
 
 
 def comparison_png(pair: BenchmarkPair, score: ImageScore, sr: np.ndarray, bicubic: np.ndarray) -> bytes:
     """The bicubic | PAN | HR picture of one scored image, labelled with PSNR_Y, as PNG bytes."""
-    from pipeline.report import comparison_picture
+    from pipeline.evaluation.report import comparison_picture
 
     picture = comparison_picture(
         [
@@ -108,7 +103,7 @@ class _Task:
 
 def _weights_ids(job: EvalJob) -> dict[int, str]:
     """Load each scale's weights once on the driver: bad weights fail before any Ray work."""
-    from pipeline.weights import load_pretrained
+    from pipeline.io.weights import load_pretrained
 
     ids = {}
     for scale in job.scale:
@@ -153,7 +148,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     loading-script hub set), or the ``PipelineError`` that made an actor fail.
     """
 
-    from pipeline.datasets import open_pairs
+    from pipeline.io.pairs import open_pairs
 
     weights_ids = _weights_ids(job)
     for source in job.data:  # names only, nothing decoded: a bad set fails before Ray starts

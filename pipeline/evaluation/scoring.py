@@ -1,9 +1,9 @@
 """Paper-protocol evaluation of an Upscaler on a benchmark set, with the bicubic baseline.
 
-Data comes from ``pipeline.datasets`` (``load_benchmark``, ``open_pairs``: benchmark folders, image
+Data comes from ``pipeline.io.pairs`` (``load_benchmark``, ``open_pairs``: benchmark folders, image
 folders and archives, anything ``datasets`` loads); its names used by callers are re-exported here.
 
-Protocol: see ``pipeline.metrics``. Images are scored as RGB (grayscale replicated, as the authors'
+Protocol: see ``pipeline.core.metrics``. Images are scored as RGB (grayscale replicated, as the authors'
 OpenCV-based code reads them); PAN outputs are rounded to uint8; ``scale`` pixels are cropped.
 """
 
@@ -15,18 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import (
+from pipeline.core.engine import Upscaler
+from pipeline.core.metrics import psnr_y, ssim_y
+from pipeline.imaging import IMAGE_SUFFIXES, imresize
+from pipeline.io.pairs import (
     FORMS_THAT_WORK,
-    IMAGE_SUFFIXES,
     BenchmarkPair,
     as_rgb8,
     crop_to_multiple,
     load_benchmark,
     make_pair,
 )
-from pipeline.engine import Upscaler
-from pipeline.imaging import imresize
-from pipeline.metrics import psnr_y, ssim_y
 
 __all__ = [
     "FORMS_THAT_WORK",

@@ -9,7 +9,7 @@ averaged back.
 Large images are cut into tiles: each tile's core is read with ``context`` pixels of image around
 it, all windows have one shape (so they batch), and neighbouring cores cross-fade over a few pixels
 with linear ramps, which blends the seams away. With the default context, tiled output equals
-whole-image output within one level in fp32 and within 4 levels in bf16 (``pipeline.tiling`` says
+whole-image output within one level in fp32 and within 4 levels in bf16 (``pipeline.core.tiling`` says
 why and what was measured). Tiles that come out non-finite in reduced precision are recomputed in
 fp32.
 
@@ -33,21 +33,21 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from pipeline.core.model import PAN
+from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 from pipeline.errors import DeviceError
-from pipeline.imaging import DecodedImage, imresize
-from pipeline.jobspec import AUTO, PRECISIONS, InferenceSpec
-from pipeline.model import PAN
-from pipeline.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 
 if TYPE_CHECKING:
-    from pipeline.storage import Files
+    pass
 
+AUTO = "auto"  # a setting decided at run time: the device, the tile size, the precision, the batch
+PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
 MAX_COMPILED_SHAPES = 8  # window shapes compiled per Upscaler; others run eagerly
@@ -201,7 +201,7 @@ class Upscaler:
     whole when it fits ``memory_budget`` (bytes of activations) and tiles it otherwise.
     ``context``: input pixels read around each tile's core. With the default 24, tiled output equals
     whole-image output within one level in fp32 and within 4 levels in bf16; with 40 or more (PAN's
-    receptive field plus half the blend), within one level in any precision (``pipeline.tiling``).
+    receptive field plus half the blend), within one level in any precision (``pipeline.core.tiling``).
     ``precision``: fp32 everywhere; bf16 on CPU and recent GPUs; fp16 on CUDA only.
     ``memory_share``: the part of its GPU this process holds (actors sharing a GPU), which scales
     the default ``memory_budget``.
@@ -447,22 +447,6 @@ class Upscaler:
             for result, image in zip(self.upscale_many_float(planes), images, strict=True)
         ]
 
-    def upscale_image(self, image: DecodedImage) -> DecodedImage:
-        """Upscale a decoded image; its alpha channel, if any, is enlarged with bicubic."""
-        return self.upscale_images([image])[0]
-
-    def upscale_images(self, images: Sequence[DecodedImage]) -> list[DecodedImage]:
-        """``upscale_image`` of each, their windows batched together."""
-        pixels = self.upscale_many([image.pixels for image in images])
-        return [
-            replace(
-                image,
-                pixels=p,
-                alpha=None if image.alpha is None else imresize(image.alpha, float(self.scale)),
-            )
-            for image, p in zip(images, pixels, strict=True)
-        ]
-
 
 class _CudaGraphs:
     """``compute`` (a tensor -> tensors) replayed from CUDA graphs, one per input shape that recurs.
@@ -555,39 +539,6 @@ def _from_chw(result: np.ndarray, like: np.ndarray) -> np.ndarray:
     result = result.mean(axis=0) if gray else result.transpose(1, 2, 0)
     pixels = np.rint(result * float(np.iinfo(like.dtype).max)).astype(like.dtype)
     return pixels[..., None] if like.ndim == 3 and like.shape[2] == 1 else pixels
-
-
-def build_upscaler(
-    spec: InferenceSpec,
-    scale: int,
-    *,
-    files: Files | None,
-    model: PAN | None = None,
-    device: str | None = None,
-    memory_share: float = 1.0,
-) -> Upscaler:
-    """The ``Upscaler`` that ``spec`` describes, at ``scale``: its weights loaded through ``files``
-    (the job's ``storage.Files``; None only with a ``model``), unless ``model`` is given (a model in
-    training); on ``device`` when given (the device Ray gave an actor), else ``spec.device``; on a
-    GPU, with ``memory_share`` of the default memory budget (an actor that shares its GPU with
-    others passes its share, so that together they stay within the budget)."""
-    if model is None:
-        from pipeline.weights import load_pretrained
-
-        if files is None:
-            raise TypeError("build_upscaler loads the weights through files=; only a given model needs none")
-        model = load_pretrained(spec.weights, scale=scale, files=files)
-    return Upscaler(
-        model,
-        device=device or spec.device,
-        precision=spec.precision,
-        tile=spec.tile,
-        context=spec.context,
-        batch_size=spec.batch_size,
-        memory_share=memory_share,
-        compile=spec.compile,
-        cuda_graphs=spec.cuda_graphs,
-    )
 
 
 def _describe(value: object) -> str:

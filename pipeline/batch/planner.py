@@ -4,7 +4,7 @@ A run reads a source file when the ledger has never seen it at its size and vers
 changed since), when some of its inputs lack an output in a sink the run writes, or when one of its
 inputs failed fewer than ``max_attempts`` times. Everything else is counted, not read: done inputs
 as skipped, inputs that failed ``max_attempts`` times as given up. Planning lists the source and
-reads the ledger (``pipeline.ledger``); it lists the outputs and reads Parquet names only to
+reads the ledger (``pipeline.batch.ledger``); it lists the outputs and reads Parquet names only to
 *rescan* the destination: when asked (``rescan_dest``), or once for a destination made before the
 ledger existed, whose finished outputs are then adopted into the ledger.
 
@@ -30,10 +30,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.jobspec import UpscaleJob
-from pipeline.ledger import DONE, Ledger, read_ledger
-from pipeline.sinks import existing_outputs, output_name, reserved_by, shard_prefix
-from pipeline.sources import InputUnit, collision_message, list_inputs, missing_sinks
+from pipeline.batch.ledger import DONE, Ledger, read_ledger
+from pipeline.batch.sinks import existing_outputs, output_name, reserved_by, shard_prefix
+from pipeline.batch.sources import InputUnit, collision_message, list_inputs, missing_sinks
+from pipeline.config.settings import UpscaleJob
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,9 @@
-"""Training PAN on Ray Train: DDP over workers, checkpoints, resume, fault tolerance, export.
-
-The recipe is the PAN paper's: L1 loss, Adam(0.9, 0.99), lr 7e-4 with cosine annealing and warm
-restarts, batches of 64-px LR patches with the 8 flips/rotations, counted in iterations. AMP on GPU,
-optional EMA of the weights. Validation every ``val_every`` steps on a benchmark set with the core
-metrics; the best weights are tracked.
-
-Layout under ``STORAGE/NAME`` (local or ``s3://``):
-``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, AMP loss scale, step, EMA, RNG, best score),
-``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
-and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``, ``export/`` (final weights)
-and ``export-best/`` (best validation), both in the ``save_pretrained`` layout that
-``pan upscale --weights`` takes, and ``run.json``: the model the run trains (scale and PAN config).
-
-Running again with the same storage and name resumes from the latest checkpoint: steps are never
-done twice, and ``max_steps`` may be raised to train further. A resume that would train another
-model (another scale, or ``init_weights`` of another shape) is refused before any worker starts.
-"""
+"""What each Ray Train worker runs: the training loop, its state, its files."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +11,17 @@ from typing import Any
 
 import torch
 
+from pipeline.config.settings import TrainJob
+from pipeline.core.model import PAN
 from pipeline.errors import PipelineError, SettingsError
-from pipeline.jobspec import TrainJob
-from pipeline.model import PAN, PANConfig
-from pipeline.storage import Files, join
+from pipeline.io.storage import Files, join
+from pipeline.io.weights import save_pretrained
 
 STATE_FILE = "state.pt"
+
 METRICS_FILE = "metrics.jsonl"
+
 CURVE_FILE = "learning_curve.png"
-RUN_FILE = "run.json"
-
-
-# -- inside each worker ---------------------------------------------------------------------------
 
 
 class _RunFiles:
@@ -152,14 +133,14 @@ def learning_curve_png(records: list[dict[str, Any]]) -> bytes:
 
 def _export(model: PAN, location: str, files: Files) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         files.upload_dir(tmp, location)
 
 
 def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, float]:
-    from pipeline.engine import build_upscaler
-    from pipeline.evaluate import evaluate
-    from pipeline.jobspec import InferenceSpec
+    from pipeline.config.builder import build_upscaler
+    from pipeline.config.settings import InferenceSpec
+    from pipeline.evaluation.scoring import evaluate
 
     spec = InferenceSpec(precision="fp32")
     upscaler = build_upscaler(spec, model.scale, files=None, model=model, device=str(device))
@@ -173,10 +154,10 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from pipeline.datasets import PatchDataset, open_pairs
-    from pipeline.evaluate import load_benchmark
-    from pipeline.raycluster import say
-    from pipeline.weights import load_pretrained
+    from pipeline.io.pairs import load_benchmark, open_pairs
+    from pipeline.io.weights import load_pretrained
+    from pipeline.ray_runtime.quiet import say
+    from pipeline.training.patches import PatchDataset
 
     job = TrainJob(**config)
     ctx = ray.train.get_context()
@@ -302,93 +283,3 @@ def _checkpoint(
             files.flush()
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "best_val_psnr_y": training.best}, checkpoint=ckpt)
-
-
-# -- the driver -----------------------------------------------------------------------------------
-
-
-def model_config(job: TrainJob) -> PANConfig:
-    """The PAN a run trains: the shape of ``init_weights`` (loading them checks them), else the
-    paper's at ``job.scale``."""
-    if job.init_weights:
-        from pipeline.weights import load_pretrained
-
-        return load_pretrained(job.init_weights, scale=job.scale, files=job.files).config
-    return PANConfig(scale=job.scale)
-
-
-def _describe(config: dict[str, Any]) -> str:
-    shape = ", ".join(f"{k}={v}" for k, v in config.items() if k != "scale")
-    return f"x{config.get('scale')} ({shape})"
-
-
-def claim_run(job: TrainJob, config: PANConfig) -> None:
-    """Record the model a run trains (``run.json``); refuse a resume (a run with a checkpoint)
-    that would train another, naming both: its checkpoints, metrics and exports would mix two
-    models."""
-    location = join(job.run_dir, RUN_FILE)
-    try:
-        recorded = json.loads(job.files.read_bytes(location)).get("model", {})
-    except FileNotFoundError:
-        recorded = None
-    except (ValueError, AttributeError) as exc:
-        raise SettingsError(
-            f"{location} is damaged ({exc}); restore it or start a run of another name"
-        ) from exc
-    if recorded == config.to_dict():
-        return
-    resumable = any(f.startswith("checkpoint_") for f in job.files.list_files(job.run_dir))
-    if recorded is not None and resumable:
-        raise SettingsError(
-            f"run {job.run_dir} trains PAN {_describe(recorded)}, but this resume asks for "
-            f"{_describe(config.to_dict())}; resume it with its own settings, or give a new --name"
-        )
-    # A new run, or one that never reached a checkpoint: this run's model is the run's.
-    job.files.write_bytes(location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode())
-
-
-def run_training(job: TrainJob):
-    """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result.
-
-    Fails fast on the driver, before Ray starts: the data sources open (names only, nothing
-    decoded), the weights load, the storage takes a write, and a resume trains the same model.
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.datasets import open_pairs
-    from pipeline.raycluster import connect, user_error, verbose
-
-    open_pairs(job.data, job.scale, lr_source=job.lr_data, files=job.files)
-    if job.val_data:
-        open_pairs(job.val_data, job.scale, files=job.files)
-    config = model_config(job)
-    job.files.check_writable(job.storage)
-    claim_run(job, config)
-    # Ray Train copies each print of a worker to the logs as well, which showed every step twice.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    connect(job.address, ray_train=True)
-    if job.gpu and not ray.cluster_resources().get("GPU"):
-        raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
-    filesystem, storage_path = job.files.pyarrow_filesystem(job.storage)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=job.model_dump(),
-        torch_config=TorchConfig(backend="nccl" if job.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu),
-        run_config=RunConfig(
-            name=job.name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
-        ),
-    )
-    try:
-        return trainer.fit()
-    except Exception as exc:  # a worker failed for good: surface the user's error, if it is one
-        raise (user_error(exc) or exc) from None

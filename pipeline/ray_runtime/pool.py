@@ -1,0 +1,178 @@
+"""The model actors of a job: how many, on what, with which engine; the Ray Data stage that runs
+them and the iteration over its results."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.ray_runtime.consensus import agreed_build, device_kind, precision_choices
+from pipeline.ray_runtime.quiet import verbose
+from pipeline.ray_runtime.session import user_error
+
+
+@contextmanager
+def dataset_batches(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
+    """``with dataset_batches(ds) as batches: for batch in batches: ...`` (numpy batches as they
+    come). A task or actor that failed because of the user raises that ``PipelineError``; and
+    however the block ends (Ctrl-C and SIGTERM included), Ray Data's executor is shut down then,
+    not when the iterator is garbage-collected after Ray has gone, which started a new Ray (with
+    its dashboard) while the command exited."""
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        yield batches
+    except Exception as exc:
+        raise (user_error(exc) or exc) from None
+    finally:
+        batches.close()
+
+
+def data_context() -> None:
+    """Ray Data on the driver, for our jobs: no progress bars of its own (the commands show one),
+    and no warning for the Python objects (decoded images) that blocks carry pickled: intended."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_fallback_to_arrow_object_ext_type = True
+    if not verbose():
+        # Ray Data logs through a console handler of its own; its ERROR lines repeat the failure
+        # that the command reports itself (one line for a user's error, the traceback for a bug).
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.CRITICAL)
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """How a job's model actors run (``actor_pool``): ``size`` actors, each reserving ``num_gpus``
+    and ``num_cpus``, taking ``calls`` Ray Data calls at once, and computing with ``threads``
+    torch threads when it runs on the CPU (its share of the node's cores)."""
+
+    size: int
+    num_gpus: float
+    num_cpus: float
+    calls: int
+    threads: int
+
+
+def actor_pool(actors: int | None, actor_cpus: float, inputs: int) -> ActorPool:
+    """The model actors for ``inputs`` inputs: one per GPU where the cluster has GPUs (``actors``
+    beyond the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors reserving
+    ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one per CPU
+    unless ``actors`` says how many; never more actors than inputs.
+
+    ``calls``: Ray Data calls an actor takes at once. A GPU actor takes 2: while its model runs one
+    batch (one at a time still), Ray fetches and formats the next one in the actor's other thread,
+    so the GPU does not wait for it. A CPU actor takes 1: its one core is busy computing.
+
+    ``threads``: on the CPU, one single-threaded actor per core beats fewer multi-threaded ones:
+    PAN scales linearly over processes, while OpenMP threads stall at every barrier when a decode
+    or encode task takes their core (measured on 2 cores: 1.35 vs 1.02 output MP/s,
+    benchmarks/README.md). Fewer actors than cores (``actors``, or few inputs) share the cores."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
+    size = max(1, min(actors or gpus or int(cpus), inputs))
+    threads = max(1, int(cpus // size))
+    if gpus:
+        share = 1 / math.ceil(size / gpus)  # 1/k: k actors fit each GPU, whatever k (2/3 would not)
+        return ActorPool(size, share, _leave_cpus_to_tasks(1, size, cpus), calls=2, threads=threads)
+    return ActorPool(size, 0, _leave_cpus_to_tasks(actor_cpus, size, cpus), calls=1, threads=threads)
+
+
+def model_stage(
+    dataset: Any, actor: type, pool: ActorPool, precision: str, *, batch_size: int, **constructor: Any
+) -> Any:
+    """``dataset`` mapped through ``pool``'s actors of class ``actor``, ``batch_size`` rows per
+    call, each actor made with ``constructor`` plus its ``threads`` and, where several must agree
+    on ``precision=auto``, the ``choices`` they share (``precision_choices``)."""
+    import ray.data
+
+    return dataset.map_batches(
+        actor,
+        fn_constructor_kwargs={
+            **constructor,
+            "threads": pool.threads,
+            "choices": precision_choices(precision, pool.size),
+        },
+        compute=ray.data.ActorPoolStrategy(size=pool.size, max_concurrent_calls_per_actor=pool.calls),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
+        batch_size=batch_size,
+        udf_modifying_row_count=False,
+    )
+
+
+CPUS_LEFT_TO_TASKS = 2  # a read task and an encode task side by side (they reserve one CPU each)
+
+
+def _leave_cpus_to_tasks(wanted: float, size: int, cpus: float) -> float:
+    """The CPUs each of ``size`` actors may reserve, at most ``wanted``, so that
+    ``CPUS_LEFT_TO_TASKS`` stay free for the tasks around them (as many as the cluster has).
+    Reserving less only lets processes share cores, which they do anyway.
+
+    Why two: Ray Data runs read tasks ahead, and with one CPU left the reads held it while the
+    first outputs waited to be encoded: on 2 cores, a 1,900-input run gave its first output after
+    38 s; with a read and an encode side by side, after 22 s, at the same throughput. Why any: on
+    a 1-CPU machine (or a 2-CPU one with a GPU) the actors once took every CPU, and the run hung,
+    as no task could start."""
+    return max(0.0, min(wanted, (cpus - CPUS_LEFT_TO_TASKS) / size))
+
+
+def actor_device(requested: str) -> str:
+    """The device an actor computes on: with ``auto``, the GPU it was given, if any.
+
+    An actor that was given a GPU must use it: a GPU that CUDA cannot see is then an error (the
+    engine's ``resolve_device`` says so), never a silent fall-back to the CPU.
+    """
+    import ray
+
+    from pipeline.config.settings import AUTO
+
+    if requested != AUTO:
+        return requested
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def actor_gpu_share() -> float:
+    """The share of its GPU this actor holds (``actor_pool``: 1/k with k actors per GPU); 1.0
+    with a whole GPU or none. The engine scales its GPU memory budget by it."""
+    import ray
+
+    if not ray.is_initialized():  # asking the runtime context would start Ray
+        return 1.0
+    try:
+        share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except AssertionError:  # Ray's answer in a driver: only workers are assigned resources
+        return 1.0
+    return share if 0 < share < 1 else 1.0
+
+
+def actor_upscaler(spec: Any, scale: int, threads: int, choices: Any | None, files: Any) -> Any:
+    """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``,
+    its weights read through ``files`` (the job's ``storage.Files``):
+    on the device the actor was given (``actor_device``), computing with ``threads`` torch threads
+    on the CPU (``ActorPool.threads``), with its share of the GPU's memory (``actor_gpu_share``), in
+    the precision the pool agrees on (``agreed_build``)."""
+    import torch
+
+    from pipeline.config.builder import build_upscaler
+
+    device = actor_device(spec.device)
+    if device == "cpu":
+        # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model is
+        # the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
+        torch.set_num_threads(threads)
+    share = actor_gpu_share()
+
+    def build(precision: str) -> Any:
+        chosen = spec.model_copy(update={"precision": precision})
+        return build_upscaler(chosen, scale, device=device, files=files, memory_share=share)
+
+    return agreed_build(choices, f"x{scale} {device_kind(device)}", spec.precision, build)
