@@ -9,6 +9,14 @@ else that escapes is a bug and keeps its traceback.
 from collections.abc import Sequence
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (or of a text) that says something, stripped: what a
+    one-line report quotes of it. An error whose message is empty is named by its type."""
+    text = error if isinstance(error, str) else str(error)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line or ("" if isinstance(error, str) else type(error).__name__)
+
+
 class PipelineError(Exception):
     """Base class: an error caused by input or configuration, not by a bug."""
 

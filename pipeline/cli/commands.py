@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.flags import _settings
-from pipeline.errors import DestinationError, PipelineError
+from pipeline.errors import DestinationError, PipelineError, first_line
 
 
 def _files(args: argparse.Namespace):
@@ -197,7 +197,7 @@ def _run_train(job) -> int:
 
     result = run_training(job)
     if result.error:
-        raise PipelineError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise PipelineError(f"training failed: {first_line(result.error)}")
     metrics = result.metrics or {}
     best = metrics.get("best_val_psnr_y")
     best_text = f", best val PSNR_Y {best:.3f} dB" if best not in (None, float("-inf")) else ""
@@ -287,7 +287,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     info = job_info(jobs, args.id)
     if args.action == "status":
-        print(f"{args.id}: {status_of(info)}" + (f": {info.message.splitlines()[0]}" if info.message else ""))
+        print(f"{args.id}: {status_of(info)}" + (f": {first_line(info.message)}" if info.message else ""))
     elif args.action == "logs":
         if args.follow:
             return wait(jobs, args.id, follow=True)

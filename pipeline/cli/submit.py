@@ -51,7 +51,7 @@ from typing import Any, TextIO
 import yaml
 
 from pipeline.config.specfile import Spec
-from pipeline.errors import ClusterError, SettingsError
+from pipeline.errors import ClusterError, SettingsError, first_line
 from pipeline.ray_runtime.quiet import job_log_lines
 
 RUNTIME_ENVS = ("installed", "working-dir")
@@ -115,7 +115,7 @@ def client(address: str | None):
             "to the cluster's token"
         ) from exc
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterError(f"no Ray job server at {url}: {str(exc).splitlines()[0]}") from exc
+        raise ClusterError(f"no Ray job server at {url}: {first_line(exc)}") from exc
 
 
 def submission_id(spec: Spec, today: datetime.date | None = None) -> str:
@@ -198,7 +198,7 @@ def submit(
             )
         except RuntimeError as exc:
             if "already exists" not in str(exc):  # else: submitted at the same moment elsewhere
-                raise ClusterError(f"the cluster refused the job: {str(exc).splitlines()[0]}") from exc
+                raise ClusterError(f"the cluster refused the job: {first_line(exc)}") from exc
             return Submission(job_id, False, status_of(jobs.get_job_info(job_id)))
     return Submission(job_id, True, "PENDING")
 
@@ -240,7 +240,7 @@ def wait(jobs, job_id: str, *, follow: bool, out: TextIO = sys.stdout, err: Text
         print(f"--- last {len(tail)} lines of the job's logs ---", file=err)
         print("\n".join(tail), file=err, flush=True)
     if info.message:
-        print(f"pan: job {job_id}: {info.message.splitlines()[0]}", file=err)
+        print(f"pan: job {job_id}: {first_line(info.message)}", file=err)
     return (info.driver_exit_code or 1) if status == "FAILED" else 1
 
 

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from pipeline.config.settings import KINDS, JobSpec
-from pipeline.errors import InvalidSettingsError, SettingsError
+from pipeline.errors import InvalidSettingsError, SettingsError, first_line
 
 ENVELOPE = ("kind", "schedule")  # the keys of a spec file that are not settings of its job
 
@@ -163,7 +163,7 @@ def _message(error: Any) -> str:
 def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return _message(exc.errors()[0])
-    return str(exc).splitlines()[0]
+    return first_line(exc)
 
 
 class _Problem(NamedTuple):

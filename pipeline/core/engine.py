@@ -41,7 +41,7 @@ import torch
 
 from pipeline.core.model import PAN
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
-from pipeline.errors import DeviceError
+from pipeline.errors import DeviceError, first_line
 
 if TYPE_CHECKING:
     pass
@@ -343,7 +343,7 @@ class Upscaler:
             try:
                 return self._graphs(x)
             except RuntimeError as exc:  # capture refused (a driver or op without graph support)
-                log.warning("CUDA graphs failed (%s); running eagerly", str(exc).splitlines()[0])
+                log.warning("CUDA graphs failed (%s); running eagerly", first_line(exc))
                 self._graphs = None
         return self._compute(x)
 
@@ -366,7 +366,7 @@ class Upscaler:
             try:
                 out = self._compiled(x)
             except Exception as exc:  # no C++ compiler, an unsupported op...: eager is always right
-                log.warning("torch.compile failed (%s); running eagerly", str(exc).splitlines()[0])
+                log.warning("torch.compile failed (%s); running eagerly", first_line(exc))
                 self._compiled = None
             else:
                 self._compiled_shapes.add(shape)

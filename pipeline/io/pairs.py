@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import DatasetError, InvalidImageError, PipelineError
+from pipeline.errors import DatasetError, InvalidImageError, PipelineError, first_line
 from pipeline.imaging import IMAGE_SUFFIXES, decode_image, imresize
 from pipeline.io.hub import is_repo_id, offline_mode, unreachable_reason
 from pipeline.io.storage import Files, is_url, join
@@ -373,9 +373,7 @@ def _load_hf(source: str, split: str | None, files: Files) -> Any:
                 f"{source} is a loading-script dataset, which `datasets` 4 and later refuse to run; "
                 f"use {FORMS_THAT_WORK}"
             ) from exc
-        raise DatasetError(
-            f"cannot load dataset {source}: {text.splitlines()[0] if text else exc!r}"
-        ) from exc
+        raise DatasetError(f"cannot load dataset {source}: {first_line(exc)}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         for preferred in ("test", "validation", "train"):
             if preferred in loaded and (len(loaded) == 1 or preferred != "train"):

@@ -31,7 +31,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import PipelineError, StorageError
+from pipeline.errors import PipelineError, StorageError, first_line
 
 PROBE_PREFIX = ".pan-write-probe-"
 # For checks before a job starts: one quick try, so a down endpoint is reported in about a second
@@ -90,15 +90,10 @@ def storage_error(exc: BaseException, location: str, doing: str) -> StorageError
     elif "NoCredentialsError" in kind or "PartialCredentialsError" in kind:
         why = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-options"
     elif kind & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"}:
-        why = f"cannot reach the endpoint ({_first_line(exc)}); is it up, is AWS_ENDPOINT_URL right?"
+        why = f"cannot reach the endpoint ({first_line(exc)}); is it up, is AWS_ENDPOINT_URL right?"
     else:
-        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        why = f"{type(exc).__name__}: {first_line(exc)}"
     return StorageError(f"cannot {doing} {location}: {why}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else repr(exc)
 
 
 def location_key(location: str) -> tuple[str, str]:

@@ -26,7 +26,10 @@ def dataset_batches(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
     try:
         yield batches
     except Exception as exc:
-        raise (user_error(exc) or exc) from None
+        error = user_error(exc)
+        if error is None:
+            raise  # a bug: it keeps its whole chain
+        raise error from None  # the user's error, as one line
     finally:
         batches.close()
 

@@ -12,6 +12,8 @@ import threading
 import warnings
 from typing import Any
 
+from pipeline.ray_runtime import private
+
 _state = {"verbose": False, "stderr_filter": False}
 
 
@@ -34,20 +36,15 @@ def quiet_ray(*, verbose: bool) -> None:
 # Loggers of Ray's client side that say what a user did not ask for: the token notice of a new
 # local cluster, "Uploading package ...", "WebSocket closed for job ...". Ray's modules set their
 # own level when imported, so this is applied again after each import (``quiet_loggers``).
-_CLIENT_LOGGERS = (
-    "ray._private.authentication.authentication_token_setup",
-    "ray.dashboard.modules.dashboard_sdk",
-    "ray.dashboard.modules.job.sdk",
-    "ray._private.runtime_env.packaging",
-)
+_CLIENT_LOGGERS = (private.TOKEN_NOTICE, private.DASHBOARD_SDK, private.JOB_SDK, private.PACKAGE_UPLOAD)
 
 
 def quiet_loggers() -> None:
     """Set Ray's client-side loggers to ERROR (INFO with ``verbose``). Call it after importing the
     Ray modules that own them: they set INFO on themselves at import."""
     level = logging.INFO if _state["verbose"] else logging.ERROR
-    for name in _CLIENT_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+    for logger in _CLIENT_LOGGERS:
+        logging.getLogger(logger.name).setLevel(level)
 
 
 USER_LINE = "[pan] "  # a worker's line meant for the user (``say``); the driver shows those only
@@ -68,15 +65,10 @@ def _show_user_lines(data: dict[str, Any]) -> None:
             print(line[len(USER_LINE) :], file=stream, flush=True)
 
 
-# Ray's dispatcher of worker output on the driver, and the name of the handler that prints it with
-# prefixes and colours (ray/_private/worker.py, ray/_private/ray_logging/__init__.py; Ray 2.60).
-_RAY_PRINT_LOGS = "ray_print_logs"
-
-
-def _quiet_worker_output() -> None:
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    dispatcher.remove_handler(_RAY_PRINT_LOGS)
+def quiet_worker_output() -> None:
+    """On the driver, show the workers' ``say`` lines only (``connect`` calls it unless verbose)."""
+    dispatcher = private.WORKER_OUTPUT.get()
+    dispatcher.remove_handler(private.RAY_PRINT_LOGS_HANDLER.name)
     dispatcher.add_handler("pan_user_lines", _show_user_lines)
 
 

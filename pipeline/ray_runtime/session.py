@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ClusterError, PipelineError
-from pipeline.ray_runtime.quiet import _quiet_worker_output, quiet_loggers, verbose
+from pipeline.errors import ClusterError, PipelineError, first_line
+from pipeline.ray_runtime import private
+from pipeline.ray_runtime.quiet import quiet_loggers, quiet_worker_output, verbose
 
 _state = {"watchdog": None}  # the write end of the watchdog's pipe, once started
 
@@ -54,7 +55,7 @@ def auth_token() -> str | None:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if not token and path:
         try:
-            token = Path(path).expanduser().read_text().strip().splitlines()[0].strip()
+            token = first_line(Path(path).expanduser().read_text())
         except (OSError, IndexError) as exc:
             raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: no token can be read there") from exc
     return token or None
@@ -97,7 +98,7 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
     ray.init(address=address or EMBEDDED, logging_level=level, **embedded)
     quiet_loggers()
     if not shown:
-        _quiet_worker_output()
+        quiet_worker_output()
     _terminate_on_sigterm()  # Ray's C++ core installs its own SIGTERM handler (a stack dump)
 
 
@@ -120,15 +121,9 @@ def setup_worker() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if os.environ.get(QUIET_WORKERS) != "1":
         return
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR
-    )
-    # This logger is named after its file; found without importing Ray Train (0.7 s of CPU in
-    # every worker, most of which never train).
-    context = os.path.join(
-        os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"
-    )
-    logging.getLogger(context).setLevel(logging.WARNING)
+    logging.getLogger(private.PLACEMENT_GROUP_CLEANER.name).setLevel(logging.ERROR)
+    # Named without importing Ray Train (0.7 s of CPU in every worker, most of which never train).
+    logging.getLogger(private.TRAIN_CONTEXT.name).setLevel(logging.WARNING)
 
 
 _WATCHDOG = r"""

@@ -89,6 +89,7 @@ def run_training(job: TrainJob):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.io.pairs import open_pairs
+    from pipeline.ray_runtime import private
     from pipeline.ray_runtime.quiet import verbose
     from pipeline.ray_runtime.session import connect, user_error
 
@@ -99,9 +100,9 @@ def run_training(job: TrainJob):
     job.files.check_writable(job.storage)
     claim_run(job, config)
     # Ray Train copies each print of a worker to the logs as well, which showed every step twice.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault(private.TRAIN_PRINT_PATCH.name, "0")
     if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault(private.TRAIN_PREEMPTION_WATCHER.name, "0")
     connect(job.address, ray_train=True)
     if job.gpu and not ray.cluster_resources().get("GPU"):
         raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
@@ -123,4 +124,7 @@ def run_training(job: TrainJob):
     try:
         return trainer.fit()
     except Exception as exc:  # a worker failed for good: surface the user's error, if it is one
-        raise (user_error(exc) or exc) from None
+        error = user_error(exc)
+        if error is None:
+            raise  # a bug: it keeps its whole chain
+        raise error from None  # the user's error, as one line
