@@ -200,15 +200,15 @@ def pipeline_run(
     shutil.rmtree(dest, ignore_errors=True)
     steady = None  # from the first finished batch on: the rate once running, without Ray's start-up
     if first and start + wall > first[0][0]:
-        steady = (summary["output_megapixels"] - first[0][1] / 1e6) / (start + wall - first[0][0])
+        steady = (summary.output_megapixels - first[0][1] / 1e6) / (start + wall - first[0][0])
     return {
         "cpus": cpus,
         "actors": actors or 1,
         "wall_seconds": wall,
-        "mp_per_second": summary["output_megapixels"] / wall,
-        "succeeded": summary["succeeded"],
-        "failed": summary["failed"],
-        "precision": summary["precision"],
+        "mp_per_second": summary.output_megapixels / wall,
+        "succeeded": summary.succeeded,
+        "failed": summary.failed,
+        "precision": summary.precision,
         "first_batch_seconds": first[0][0] - start if first else None,
         "steady_mp_per_second": steady,
         "gpu_busy_steady": sampler.mean(first[0][0]) if sampler and first else None,

@@ -97,6 +97,7 @@ def measure(dest: str, scenario: str, total: int, ledger_size: int) -> dict:
     """Plan in this (fresh) process; memory above what the imports took."""
     from pipeline.batch.ledger import RunLog, read_ledger
     from pipeline.batch.planner import plan_units
+    from pipeline.batch.records import LedgerEntry
     from pipeline.batch.sinks import PartBuffer
     from pipeline.config.settings import UpscaleJob
     from pipeline.io.storage import Files
@@ -106,11 +107,11 @@ def measure(dest: str, scenario: str, total: int, ledger_size: int) -> dict:
     if failed:  # one more run, in which these inputs failed
         log = RunLog(dest, "20990101T000000Z-bench-failed", PartBuffer(10_000, 2**27), files=Files())
         for i in failed:
-            log.add({"key": _key(i), "unit": _key(i), "unit_size": 100_000 + i % 5000,
-                     "unit_version": f'"{i:032x}"', "unit_rows": 1, "name": _key(i)[:-4] + ".png",
-                     "status": "failed", "attempts": 1, "png": False, "parquet": False, "part": None,
-                     "error_type": "OSError", "error": "timeout", "input_sha256": None,
-                     "weights_sha256": "ab" * 32, "package_version": "0.4.0", "run_id": "x"})  # fmt: skip
+            log.add(LedgerEntry(key=_key(i), unit=_key(i), unit_size=100_000 + i % 5000,
+                     unit_version=f'"{i:032x}"', unit_rows=1, name=_key(i)[:-4] + ".png",
+                     status="failed", attempts=1, png=False, parquet=False, part=None,
+                     error_type="OSError", error="timeout", input_sha256=None,
+                     weights_sha256="ab" * 32, package_version="0.4.0", run_id="x"))  # fmt: skip
         log.finish({})
     job = UpscaleJob(source="s3://bucket/photos", dest=dest, scale=4, format="both")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

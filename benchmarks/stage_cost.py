@@ -182,8 +182,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         where = titles.by_kind(steady.by_process())
     finally:
         ray.shutdown()
-    images, megapixels = summary["succeeded"], summary["output_megapixels"]
-    if images != len(files) * args.copies or summary["precision"] != {precision: images}:
+    images, megapixels = summary.succeeded, summary.output_megapixels
+    if images != len(files) * args.copies or summary.precision != {precision: images}:
         raise RuntimeError(f"the replayed run did not make every output: {summary}")
     first_seconds, first_images = progress[0]
     steady_seconds = wall - first_seconds

@@ -187,7 +187,7 @@ class PipelineResult:
     """One ``run_upscale`` call, timed from before the call (Ray not yet initialized)."""
 
     wall_seconds: float
-    summary: dict[str, Any]
+    summary: Any  # pipeline.batch.records.RunSummary
     first_result_seconds: float | None  # wall time until the first finished batch came back
     cpu: CpuUse | None
     outputs_on_disk: int
@@ -197,7 +197,7 @@ class PipelineResult:
 
     @property
     def mp_per_second(self) -> float:
-        return self.summary["output_megapixels"] / self.wall_seconds
+        return self.summary.output_megapixels / self.wall_seconds
 
     @property
     def steady_mp_per_second(self) -> float | None:
@@ -208,7 +208,7 @@ class PipelineResult:
         if len(after) < 2:
             return None
         (t0, n0), (t1, n1) = after[0], after[-1]
-        per_image = self.summary["output_megapixels"] / max(self.summary["succeeded"], 1)
+        per_image = self.summary.output_megapixels / max(self.summary.succeeded, 1)
         return (n1 - n0) * per_image / (t1 - t0) if t1 > t0 else None
 
 
@@ -414,13 +414,13 @@ def print_engine(e: EngineResult, png_level: int) -> None:
 
 def print_pipeline(p: PipelineResult) -> None:
     s = p.summary
-    counts = f"{s['succeeded']} / {s['failed']} / {s['skipped']}"
+    counts = f"{s.succeeded} / {s.failed} / {s.skipped}"
     line("succeeded / failed / skipped", f"{counts}  ({p.outputs_on_disk} PNGs written)")
-    line("output", f"{s['output_megapixels']:.1f} MP, precision {s.get('precision')}")
-    line("wall time (incl. Ray start-up)", f"{p.wall_seconds:8.2f} s  (summary 'seconds' {s['seconds']:.2f})")
+    line("output", f"{s.output_megapixels:.1f} MP, precision {s.get('precision')}")
+    line("wall time (incl. Ray start-up)", f"{p.wall_seconds:8.2f} s  (summary 'seconds' {s.seconds:.2f})")
     if p.first_result_seconds is not None:
         line("first batch back after", f"{p.first_result_seconds:8.2f} s")
-    reported = s["output_megapixels_per_second"]
+    reported = s.output_megapixels_per_second
     line("pipeline throughput", f"{p.mp_per_second:.3f} output MP/s  (summary says {reported:.3f})")
     if p.steady_mp_per_second is not None:
         line("steady state (last 90 %)", f"{p.steady_mp_per_second:.3f} output MP/s")

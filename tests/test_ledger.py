@@ -97,15 +97,15 @@ def test_a_rerun_processes_exactly_the_new_and_changed_inputs_without_reading_ou
         source=place.source, dest=place.dest, scale=4, weights=weights, format="both", max_attempts=2
     )
     first = run_upscale(job)
-    assert (first["succeeded"], first["failed"]) == (5, 1)
+    assert (first.succeeded, first.failed) == (5, 1)
 
     for p in set14:  # 5 new files, and 1 changed
         place.put(f"day2/{p.name}", p.read_bytes())
     place.put("day1/birdx4.png", set14[0].read_bytes())
     storage_calls.clear()
     second = run_upscale(job)
-    assert (second["succeeded"], second["failed"], second["skipped"]) == (6, 1, 4)
-    assert second["files"] == {"new": 5, "changed": 1, "retried": 1, "unfinished": 0, "redone": 0}
+    assert (second.succeeded, second.failed, second.skipped) == (6, 1, 4)
+    assert second.files == {"new": 5, "changed": 1, "retried": 1, "unfinished": 0, "redone": 0}
     # Knowing what to do cost no listing of the outputs and no read of a Parquet part: only the
     # source, the ledger (_runs) and the destination's own small files.
     listed = {p for m, p in storage_calls if m in LISTINGS and _under(p, place.dest)}
@@ -114,14 +114,14 @@ def test_a_rerun_processes_exactly_the_new_and_changed_inputs_without_reading_ou
 
     # The input that always fails was tried --max-attempts 2 times: now it is given up on.
     third = run_upscale(job)
-    assert (third["succeeded"], third["failed"], third["skipped"], third["given_up"]) == (0, 0, 10, 1)
+    assert (third.succeeded, third.failed, third.skipped, third.given_up) == (0, 0, 10, 1)
     errors = (
         pq.read_table(f"{place.dest}/_errors").to_pylist()
         if place.kind == "local"
         else _s3_table(place, "_errors")
     )
     assert [e["key"] for e in errors] == ["broken.png", "broken.png"]
-    assert {e["run_id"] for e in errors} == {first["run_id"], second["run_id"]}
+    assert {e["run_id"] for e in errors} == {first.run_id, second.run_id}
 
     assert place.pngs() == sorted(
         [f"day1/{p.stem}.png" for p in set5] + [f"day2/{p.stem}.png" for p in set14]
@@ -135,7 +135,7 @@ def test_a_rerun_processes_exactly_the_new_and_changed_inputs_without_reading_ou
     assert set(names) == set(place.pngs()) and names["day1/birdx4.png"] == 2 and names.total() == 11
     # The changed input's newest row (the latest run id) is made from its new bytes.
     bird = max((r for r in table if r["name"] == "day1/birdx4.png"), key=lambda r: r["run_id"])
-    assert bird["run_id"] == second["run_id"]
+    assert bird["run_id"] == second.run_id
     assert bird["input_sha256"] == hashlib.sha256(set14[0].read_bytes()).hexdigest()
 
     entries = read_ledger(place.dest, None, FILES, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
@@ -144,7 +144,7 @@ def test_a_rerun_processes_exactly_the_new_and_changed_inputs_without_reading_ou
     capsys.readouterr()
     assert main(["runs", place.dest]) == 0
     out = capsys.readouterr().out
-    assert all(f"|{s['run_id']}|finished|" in out for s in (first, second, third))
+    assert all(f"|{s.run_id}|finished|" in out for s in (first, second, third))
     assert main(["runs", place.dest, "--failed"]) == 0
     assert "|broken.png|2|TruncatedImageError: truncated PNG" in capsys.readouterr().out
 
@@ -169,7 +169,7 @@ def test_a_destination_made_before_the_ledger_is_adopted_once(
     shutil.rmtree(dest / "_runs")  # as an older pan left it: outputs, no ledger
     (dest / "babyx4.png").unlink()
     adopted = run_upscale(job)
-    assert (adopted["succeeded"], adopted["skipped"]) == (1, 4)
+    assert (adopted.succeeded, adopted.skipped) == (1, 4)
     entries = {
         e["key"]: e["status"]
         for e in read_ledger(str(dest), None, FILES, columns=MANIFEST_SCHEMA.names).entries.to_pylist()
@@ -179,6 +179,6 @@ def test_a_destination_made_before_the_ledger_is_adopted_once(
         **{k: "adopted" for k in ("birdx4.png", "butterflyx4.png", "headx4.png", "womanx4.png")},
     }
     (dest / "birdx4.png").unlink()  # deleted by hand: the ledger does not know, a rescan does
-    assert run_upscale(job)["skipped"] == 5
-    assert run_upscale(job.model_copy(update={"rescan_dest": True}))["succeeded"] == 1
+    assert run_upscale(job).skipped == 5
+    assert run_upscale(job.model_copy(update={"rescan_dest": True})).succeeded == 1
     assert (dest / "birdx4.png").exists()

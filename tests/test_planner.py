@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.batch.ledger import MANIFEST_SCHEMA, RunLog, read_ledger, run_rows
 from pipeline.batch.planner import plan_units
+from pipeline.batch.records import LedgerEntry, OutputRow
 from pipeline.batch.sinks import PartBuffer
 from pipeline.batch.sources import InputUnit
 from pipeline.config.settings import UpscaleJob
@@ -30,15 +31,18 @@ def _entry(unit: InputUnit, key: str | None = None, status: str = "succeeded", *
     }  # fmt: skip
 
 
-def _row(name: str) -> dict:
-    return {"key": name, "name": name, "png": b"x" * 100, "scale": 2}
+def _row(name: str) -> OutputRow:
+    return OutputRow(key=name, name=name, input_width=1, input_height=1, input_mode="RGB", output_width=2,
+                     output_height=2, scale=2, weights_id="w", weights_sha256="w", png=b"x" * 100,
+                     seconds=0.1, psnr_vs_bicubic=None, input_sha256=None, package_version="0",
+                     run_id="r")  # fmt: skip
 
 
 def _run(dest, run_id: str, entries, *, finish: bool = True, parquet: bool = False) -> RunLog:
     log = RunLog(str(dest), run_id, PartBuffer(1000, 10**9), files=FILES)
     log.start({})
     for e in entries:
-        log.add({**e, "run_id": run_id}, _row(e["name"]) if parquet else None)
+        log.add(LedgerEntry(**{**e, "run_id": run_id}), _row(e["name"]) if parquet else None)
     if finish:
         log.finish({"succeeded": len(entries)})
     else:
@@ -121,7 +125,7 @@ def test_commits_write_a_part_per_fill_and_the_ledger_names_each_row_once(tmp_pa
     log.start({"job": "settings"})
     units = [_unit(f"{i}.png") for i in range(10)]
     for u in units:
-        log.add({**_entry(u), "run_id": "run1"}, _row(f"{u.rel[:-4]}.png"))
+        log.add(LedgerEntry(**{**_entry(u), "run_id": "run1"}), _row(f"{u.rel[:-4]}.png"))
     assert log.commits == 2  # two full parts of 4; two rows wait
     log.finish({"succeeded": 10})
     parts = sorted(p.name for p in (dest / "parquet").iterdir())

@@ -105,8 +105,8 @@ def test_local_end_to_end_then_resume_skips_all(local_ray, mixed_inputs, weights
     assert f"MP/s, {summary['succeeded']} in fp32) -> {dest}" in capsys.readouterr().out
 
     again = run_upscale(UpscaleJob(source=str(mixed_inputs), dest=str(dest), scale=4, weights=weights))
-    assert again["skipped"] == summary["succeeded"] and again["succeeded"] == 0 and again["failed"] == 3
-    assert again["inputs"] == summary["inputs"]
+    assert again.skipped == summary["succeeded"] and again.succeeded == 0 and again.failed == 3
+    assert again.inputs == summary["inputs"]
 
 
 def test_max_error_fraction_fails_the_run(local_ray, mixed_inputs, weights_dir, tmp_path, capsys):
@@ -127,14 +127,14 @@ def test_s3_to_s3(local_ray, s3_server, benchmarks_dir, weights_dir):
         source="s3://photos/in", dest="s3://photos/out", scale=4, weights=str(weights_dir / "PANx4_DF2K.pth")
     )
     summary = run_upscale(job)
-    assert (summary["succeeded"], summary["failed"]) == (5, 1)
+    assert (summary.succeeded, summary.failed) == (5, 1)
     # precision auto (the default): each actor's choice, counted per output
-    assert sum(summary["precision"].values()) == 5 and set(summary["precision"]) <= {"fp32", "bf16"}
+    assert sum(summary.precision.values()) == 5 and set(summary.precision) <= {"fp32", "bf16"}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="photos", Prefix="out/")["Contents"]}
     assert {f"out/nested/{p.name}" for p in lr} <= keys and "out/_summary.json" in keys
     body = s3.get_object(Bucket="photos", Key="out/nested/birdx4.png")["Body"].read()
     assert decode_image(body).pixels.shape == (288, 288, 3)
-    assert run_upscale(job)["skipped"] == 5
+    assert run_upscale(job).skipped == 5
 
 
 def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weights_dir, tmp_path):
@@ -160,7 +160,7 @@ def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weigh
         format="parquet",
     )
     summary = run_upscale(job)
-    assert (summary["succeeded"], summary["failed"]) == (5, 0)
+    assert (summary.succeeded, summary.failed) == (5, 0)
     table = pq.read_table(dest / "parquet")
     assert sorted(table.column("name").to_pylist()) == sorted(
         [f"a/{p.stem}.png" for p in lr[:3]] + [f"b/{p.stem}.png" for p in lr[3:]]
@@ -173,7 +173,7 @@ def test_parquet_and_tar_shards_to_parquet_sink(local_ray, benchmarks_dir, weigh
             2 * row["input_height"],
         )
         assert row["weights_id"] == "PANx2_DF2K" and len(row["weights_sha256"]) == 64 and row["scale"] == 2
-    assert run_upscale(job)["skipped"] == 5  # shard members are resumed too
+    assert run_upscale(job).skipped == 5  # shard members are resumed too
 
 
 def test_cpu_cluster_gets_one_single_threaded_model_actor_per_cpu(local_ray):
@@ -225,7 +225,7 @@ def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, we
         summary = run_upscale(  # the broken input is tried each time (max_attempts: tests/test_ledger.py)
             UpscaleJob(source=str(five), dest=str(dest), scale=4, weights=weights, format=fmt, max_attempts=9)
         )
-        assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (
+        assert (summary.succeeded, summary.failed, summary.skipped) == (
             succeeded,
             1,
             5 - succeeded,
@@ -235,7 +235,7 @@ def test_every_sequence_of_sinks_leaves_one_output_per_input(local_ray, five, we
         pngs = sorted(
             f for f in FILES.list_files(str(dest)) if f.endswith(".png") and not f.startswith("parquet/")
         )
-        assert pngs == (good if fmt != "parquet" or summary["skipped"] else []), fmt
+        assert pngs == (good if fmt != "parquet" or summary.skipped else []), fmt
     assert _checksums(five) == before
 
 
@@ -245,9 +245,9 @@ def test_outputs_deleted_by_hand_are_made_again_by_a_rescan(local_ray, five, wei
     run_upscale(job)
     (dest / "d0/babyx4.png").unlink()
     rows = len(_parquet_names(dest))
-    assert run_upscale(job)["skipped"] == 5  # the ledger says it is done: no output is listed
+    assert run_upscale(job).skipped == 5  # the ledger says it is done: no output is listed
     summary = run_upscale(job.model_copy(update={"rescan_dest": True}))
-    assert (summary["succeeded"], summary["skipped"]) == (1, 4)
+    assert (summary.succeeded, summary.skipped) == (1, 4)
     # finished in the sink that lacked it only: its Parquet row was there
     assert (dest / "d0/babyx4.png").exists() and len(_parquet_names(dest)) == rows
 
@@ -261,8 +261,8 @@ def test_dest_inside_source_only_when_asked_and_never_read_back(local_ray, five,
     job = job.model_copy(update={"dest_inside_source": True})
     first = run_upscale(job)
     second = run_upscale(job)
-    assert (first["succeeded"], first["inputs"]) == (5, 6)
-    assert (second["succeeded"], second["skipped"], second["inputs"]) == (0, 5, 6)  # no upscales of upscales
+    assert (first.succeeded, first.inputs) == (5, 6)
+    assert (second.succeeded, second.skipped, second.inputs) == (0, 5, 6)  # no upscales of upscales
     assert not any(p.name.startswith("x4") for p in (five / "x4").iterdir() if p.is_dir())
 
 
@@ -274,7 +274,7 @@ def test_dest_made_with_other_weights_is_refused_unless_overwrite(local_ray, fiv
     torch.save(state, tuned)
     dest = tmp_path / "out"
     job = UpscaleJob(source=str(five), dest=str(dest), scale=2, weights=str(official))
-    assert run_upscale(job)["succeeded"] == 5
+    assert run_upscale(job).succeeded == 5
     made = _checksums(dest)
     other = job.model_copy(update={"weights": str(tuned)})
     with pytest.raises(DestinationError, match=r"PANx2_DF2K.*tuned_x2\.pth.*--overwrite"):
@@ -292,10 +292,10 @@ def test_dest_made_with_other_weights_is_refused_unless_overwrite(local_ray, fiv
     with pytest.raises(DestinationError, match="did not finish"):
         run_upscale(other)
     summary = run_upscale(other.model_copy(update={"overwrite": True}))
-    assert summary["succeeded"] == 5 and summary["skipped"] == 0
+    assert summary.succeeded == 5 and summary.skipped == 0
     record = json.loads((dest / "_pan.json").read_text())
     assert record["weights_id"] == str(tuned) and record["replacing"] is None
-    assert run_upscale(other)["skipped"] == 5
+    assert run_upscale(other).skipped == 5
 
 
 def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir, tmp_path):
@@ -310,7 +310,7 @@ def test_files_pan_did_not_write_are_never_replaced(local_ray, five, weights_dir
     assert (dest / "d0/babyx4.png").read_bytes() == b"the user's own picture"
     assert not (dest / "_pan.json").exists()
     (dest / "d0/babyx4.png").unlink()
-    assert run_upscale(job)["succeeded"] == 5  # an empty folder (hidden files aside) is fine
+    assert run_upscale(job).succeeded == 5  # an empty folder (hidden files aside) is fine
 
 
 def test_a_later_input_never_replaces_an_earlier_inputs_output(
@@ -322,11 +322,11 @@ def test_a_later_input_never_replaces_an_earlier_inputs_output(
     shutil.copy(benchmarks_dir / "Set5/LR_bicubic/X4/birdx4.png", src / "x.png")
     job = UpscaleJob(source=str(src), dest=str(dest), scale=2, weights=str(weights_dir / "PANx2_DF2K.pth"))
     job = job.model_copy(update={"format": "both"})
-    assert run_upscale(job)["succeeded"] == 1
+    assert run_upscale(job).succeeded == 1
     made = (dest / "x.png").read_bytes()
     Image.open(benchmarks_dir / "Set5/LR_bicubic/X4/headx4.png").save(src / "x.jpg")
     summary = run_upscale(job)
-    assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["skipped"]) == (2, 0, 1, 1)
+    assert (summary.inputs, summary.succeeded, summary.failed, summary.skipped) == (2, 0, 1, 1)
     assert (dest / "x.png").read_bytes() == made  # the owner's output keeps its bytes, in both sinks
     assert _parquet_names(dest) == ["x.png"]
     assert pq.read_table(dest / "parquet").column("png").to_pylist() == [made]
@@ -334,7 +334,7 @@ def test_a_later_input_never_replaces_an_earlier_inputs_output(
     assert [(e["key"], e["error_type"]) for e in errors] == [("x.jpg", "OutputNameCollision")]
     assert "x.jpg: its output name x.png is taken by the input x.png" in errors[0]["message"]
     (src / "x.png").unlink()  # the owner leaves the source: its output stays its own
-    assert run_upscale(job)["failed"] == 1 and (dest / "x.png").read_bytes() == made
+    assert run_upscale(job).failed == 1 and (dest / "x.png").read_bytes() == made
 
 
 def test_underscore_names_are_upscaled_and_hidden_files_counted(
@@ -394,7 +394,7 @@ def test_outputs_far_from_bicubic_are_flagged_suspect_but_kept(
     job = UpscaleJob(source=str(src), dest=str(dest), scale=2, weights=str(weights_dir / "PANx2_DF2K.pth"),
                      format="both", device="cpu", actors=1)  # fmt: skip
     summary = run_upscale(job)
-    assert (summary["succeeded"], summary["failed"], summary["suspect"]) == (3, 0, 1)
+    assert (summary.succeeded, summary.failed, summary.suspect) == (3, 0, 1)
     assert _errors(dest) == {"noise.png": "Suspect"} and (dest / "noise.png").exists()
     table = pq.read_table(dest / "parquet", columns=["key", "psnr_vs_bicubic"]).to_pylist()
     scores = {row["key"]: row["psnr_vs_bicubic"] for row in table}
@@ -406,12 +406,12 @@ def test_outputs_far_from_bicubic_are_flagged_suspect_but_kept(
         assert (
             row["weights_sha256"] == hashlib.sha256((weights_dir / "PANx2_DF2K.pth").read_bytes()).hexdigest()
         )
-        assert (row["package_version"], row["run_id"]) == (pipeline.__version__, summary["run_id"])
+        assert (row["package_version"], row["run_id"]) == (pipeline.__version__, summary.run_id)
     (flagged,) = pq.read_table(dest / "_errors").to_pylist()
     assert (
-        flagged["run_id"] == summary["run_id"]
+        flagged["run_id"] == summary.run_id
         and flagged["input_sha256"] == hashlib.sha256((src / "noise.png").read_bytes()).hexdigest()
     )
     # The gate off: nothing measured, nothing flagged.
     off = run_upscale(job.model_copy(update={"dest": str(tmp_path / "off"), "min_psnr_vs_bicubic": None}))
-    assert off["suspect"] == 0 and not (tmp_path / "off/_errors").exists()
+    assert off.suspect == 0 and not (tmp_path / "off/_errors").exists()

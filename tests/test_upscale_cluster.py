@@ -147,7 +147,7 @@ def test_losing_a_node_mid_run_still_gives_every_output(many_inputs, weights_dir
             actors=2,
         )
         result = {}
-        runner = threading.Thread(target=lambda: result.update(run_upscale(job)))
+        runner = threading.Thread(target=lambda: result.update(summary=run_upscale(job)))
         runner.start()
         deadline = time.time() + 240
         while time.time() < deadline and len(_outputs(dest)) < 3 and runner.is_alive():
@@ -156,7 +156,7 @@ def test_losing_a_node_mid_run_still_gives_every_output(many_inputs, weights_dir
         runner.join(timeout=600)
         assert not runner.is_alive()
         inputs = len(list(many_inputs.rglob("*.png")))
-        assert result["succeeded"] == inputs and result["failed"] == 0
+        assert result["summary"].succeeded == inputs and result["summary"].failed == 0
         assert len(_outputs(dest)) == inputs
     finally:
         ray.shutdown()
@@ -178,7 +178,7 @@ def test_one_cpu_machine_leaves_the_cpu_to_the_tasks_and_finishes(benchmarks_dir
         )
         pool = ActorPool(size=1, num_gpus=0, num_cpus=0.0, calls=1, threads=1)
         assert actor_pool(job.actors, job.actor_cpus, 5) == pool
-        assert run_upscale(job)["succeeded"] == 5
+        assert run_upscale(job).succeeded == 5
     finally:
         ray.shutdown()
 
@@ -204,7 +204,7 @@ def test_logical_gpu_gets_one_actor_and_cpu_device_computes(benchmarks_dir, weig
         assert actor_pool(3, job.actor_cpus, 2) == pool
         shares = [ray.remote(num_gpus=n)(actor_gpu_share).remote() for n in (0.25, 0.5, 1, 0)]
         assert ray.get(shares) == [0.25, 0.5, 1.0, 1.0] and actor_gpu_share() == 1.0  # the driver: 1.0
-        assert run_upscale(shared)["succeeded"] == 5
+        assert run_upscale(shared).succeeded == 5
         # the same actor on device "auto" must use its GPU, which CUDA cannot see here
         auto = UpscaleJob(source=str(src), dest=str(tmp_path / "auto"), scale=4, weights=weights)
         with pytest.raises(DeviceError, match="CUDA sees no GPU"):

@@ -1,7 +1,7 @@
 """The run ledger of a destination: what each run took and did, under ``DEST/_runs/<run id>/``.
 
 - ``settings.json``: the run's settings and destination record, written when it starts;
-- ``manifest-<n>.parquet``: the entries of the run's commit ``n`` (``MANIFEST_SCHEMA``), one per
+- ``manifest-<n>.parquet``: the entries of the run's commit ``n`` (``records.LedgerEntry``), one per
   input it took: the source file's size and version, the output name, the status, the attempts,
   the sinks holding the output and the Parquet part holding its row, and lineage (sha256 of the
   input and of the weights, package version, run id). A run that finishes merges its commits
@@ -31,10 +31,11 @@ exactly one part, however runs are killed and restarted.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,31 +44,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.batch.records import ErrorRow, LedgerEntry, OutputRow, arrow_schema, arrow_table
 from pipeline.batch.sinks import RUNS_DIR, PartBuffer, parquet_bytes, part_name, write_errors
 from pipeline.errors import DestinationError
 from pipeline.io.storage import Files, join, reported
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("unit", pa.string()),
-        ("unit_size", pa.int64()),
-        ("unit_version", pa.string()),
-        ("unit_rows", pa.int32()),  # 0: unknown (the file could not be read)
-        ("name", pa.string()),
-        ("status", pa.string()),  # succeeded | failed | adopted
-        ("attempts", pa.int16()),
-        ("png", pa.bool_()),  # the output is in the PNG tree
-        ("parquet", pa.bool_()),  # ... and has its row in `part`
-        ("part", pa.string()),
-        ("error_type", pa.string()),  # why it failed, or "Suspect" (succeeded, flagged)
-        ("error", pa.string()),
-        ("input_sha256", pa.string()),
-        ("weights_sha256", pa.string()),
-        ("package_version", pa.string()),
-        ("run_id", pa.string()),
-    ]
-)
+MANIFEST_SCHEMA = arrow_schema(LedgerEntry)
 SETTINGS_NAME, SUMMARY_NAME, MANIFEST_NAME = "settings.json", "summary.json", "manifest.parquet"
 DONE = ("succeeded", "adopted")
 COMMIT_ENTRIES, COMMIT_SECONDS = 1000, 60.0  # commit entries without a Parquet row this often
@@ -137,7 +119,7 @@ def _read_tables(
 
 @dataclass(frozen=True)
 class Ledger:
-    """The latest entry of each key (``entries``, MANIFEST_SCHEMA) and the runs read; ``owners``
+    """The latest entry of each key (``entries``, ``MANIFEST_SCHEMA``) and the runs read; ``owners``
     (``name``, ``key``, ``unit``): who owns each output name (``_owners``), when the columns read
     allow it (planning's do)."""
 
@@ -298,23 +280,23 @@ class RunLog:
         self.before_commit, self.files = before_commit, files
         self.folder = run_folder(dest, run_id)
         self.commits = 0
-        self._entries: list[dict[str, Any]] = []
-        self._errors: list[dict[str, Any]] = []
+        self._entries: list[LedgerEntry] = []
+        self._in_part: list[bool] = []  # per entry: its output's row waits in the part being filled
+        self._errors: list[ErrorRow] = []
         self._last_commit = time.monotonic()
 
     def start(self, settings: dict[str, Any]) -> None:
         text = json.dumps(settings, indent=2) + "\n"
         self.files.write_bytes(join(self.folder, SETTINGS_NAME), text.encode())
 
-    def add(
-        self, entry: dict[str, Any], parquet_row: dict[str, Any] | None = None, error: dict | None = None
-    ) -> None:
-        """``entry``: MANIFEST_SCHEMA's fields but ``part`` (set here when ``parquet_row`` goes
-        to this run's part); ``error``: a row of the errors table."""
-        if parquet_row is not None:
-            self.parts.add(parquet_row)
-            entry = {**entry, "parquet": True, "part": None, "_in_part": True}
+    def add(self, entry: LedgerEntry, output: OutputRow | None = None, error: ErrorRow | None = None) -> None:
+        """``entry`` of an input, with its ``output``'s Parquet row (the entry's ``parquet`` and
+        ``part`` are set here then: it goes to this run's part being filled) and an ``error``."""
+        if output is not None:
+            self.parts.add(output)
+            entry = dataclasses.replace(entry, parquet=True, part=None)
         self._entries.append(entry)
+        self._in_part.append(output is not None)
         if error is not None:
             self._errors.append(error)
         waiting = bool(self.parts.rows)
@@ -335,19 +317,16 @@ class RunLog:
         if self._errors:
             write_errors(self.dest, self.run_id, self.commits, self._errors, self.files)
         entries = [
-            {
-                **{k: v for k, v in e.items() if k != "_in_part"},
-                **({"part": part} if e.get("_in_part") else {}),
-            }
-            for e in self._entries
+            dataclasses.replace(e, part=part) if in_part else e
+            for e, in_part in zip(self._entries, self._in_part, strict=True)
         ]
         self.files.write_bytes(join(self.folder, _segment(self.commits)), _parquet(entries))
         if part:
             self.parts.write(self.dest, part, self.files)
-        self._entries, self._errors = [], []
+        self._entries, self._in_part, self._errors = [], [], []
         self._last_commit = time.monotonic()
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: Mapping[str, Any]) -> None:
         """Commit what is left, merge the commits into one manifest, then write the summary."""
         self.commit()
         segments = [join(self.folder, _segment(n)) for n in range(1, self.commits + 1)]
@@ -358,12 +337,12 @@ class RunLog:
         self.files.write_bytes(join(self.folder, MANIFEST_NAME), parquet_bytes(merged))
         for location in segments:
             self.files.remove(location)
-        text = json.dumps(summary, indent=2) + "\n"
+        text = json.dumps(dict(summary), indent=2) + "\n"
         self.files.write_bytes(join(self.folder, SUMMARY_NAME), text.encode())
 
 
-def _parquet(entries: list[dict[str, Any]]) -> bytes:
-    return parquet_bytes(pa.Table.from_pylist(entries, schema=MANIFEST_SCHEMA))
+def _parquet(entries: list[LedgerEntry]) -> bytes:
+    return parquet_bytes(arrow_table(entries, LedgerEntry))
 
 
 # -- pan runs -------------------------------------------------------------------------------------

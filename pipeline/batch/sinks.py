@@ -7,12 +7,12 @@ Layout under DEST (this module owns it, names included):
   took it, across runs (``pipeline.batch.planner``); no name lies in pan's own files below
   (``RESERVED``).
 - ``parquet/part-<run id>-<n>.parquet``: one row per output (format ``parquet``/``both``), see
-  ``PARQUET_SCHEMA``, in parts of up to ``parquet_part_rows`` rows or about ``parquet_part_bytes``
+  ``records.OutputRow``, in parts of up to ``parquet_part_rows`` rows or about ``parquet_part_bytes``
   (``PartBuffer``). A part is named by the run and its commit number, and each output's row is in
   exactly one part: the run ledger says which (``pipeline.batch.ledger``). An input that changed since it
   was upscaled gets a new row from the run that redid it; the older row stays, with its own
   ``input_sha256`` and ``run_id``, so the latest ``run_id`` per ``name`` is the current one.
-- ``_errors/<run id>-<n>.parquet``: the errors table (``ERRORS_SCHEMA``), one file per commit, kept
+- ``_errors/<run id>-<n>.parquet``: the errors table (``records.ErrorRow``), one file per commit, kept
   across runs: ``pyarrow.parquet.read_table(DEST + "/_errors")`` is every run's failures and
   quality-gate flags.
 - ``_runs/<run id>/``: the run ledger (``pipeline.batch.ledger``): what each run took and did.
@@ -47,6 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.batch.records import ErrorRow, OutputRow, RunSummary, arrow_schema, arrow_table
 from pipeline.errors import DestinationError
 from pipeline.io.storage import Files, is_url, join, reported
 
@@ -61,31 +62,8 @@ STAGING_DIR = "_staging"
 RESERVED = (PARQUET_DIR, ERRORS_DIR, RUNS_DIR, SUMMARY_NAME, RECORD_NAME, LEASE_NAME, STAGING_DIR)
 log = logging.getLogger(__name__)
 
-PARQUET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("name", pa.string()),
-        ("input_width", pa.int32()),
-        ("input_height", pa.int32()),
-        ("input_mode", pa.string()),
-        ("output_width", pa.int32()),
-        ("output_height", pa.int32()),
-        ("scale", pa.int8()),
-        ("weights_id", pa.string()),
-        ("weights_sha256", pa.string()),
-        ("png", pa.binary()),
-        ("seconds", pa.float64()),
-        ("psnr_vs_bicubic", pa.float64()),  # the quality gate's measure (upscale.psnr_vs_bicubic)
-        # Lineage: which bytes, weights (above), code and run made the output.
-        ("input_sha256", pa.string()),
-        ("package_version", pa.string()),
-        ("run_id", pa.string()),
-    ]
-)
-ERRORS_SCHEMA = pa.schema(
-    [("key", pa.string()), ("name", pa.string()), ("error_type", pa.string()), ("message", pa.string()),
-     ("input_sha256", pa.string()), ("run_id", pa.string())]
-)  # fmt: skip
+PARQUET_SCHEMA = arrow_schema(OutputRow)
+ERRORS_SCHEMA = arrow_schema(ErrorRow)
 
 
 def output_name(key: str, shard: str | None = None) -> str:
@@ -304,18 +282,17 @@ def part_name(run_id: str, commit: int) -> str:
 
 
 class PartBuffer:
-    """Parquet rows (dicts with PARQUET_SCHEMA's fields) gathered on the driver until they make a
-    part of ``max_rows`` rows or about ``max_bytes`` bytes of PNG: parts sized for analytics, not
-    by model batch."""
+    """``OutputRow``s gathered on the driver until they make a part of ``max_rows`` rows or about
+    ``max_bytes`` bytes of PNG: parts sized for analytics, not by model batch."""
 
     def __init__(self, max_rows: int, max_bytes: int) -> None:
         self.max_rows, self.max_bytes = max_rows, max_bytes
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[OutputRow] = []
         self.bytes = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: OutputRow) -> None:
         self.rows.append(row)
-        self.bytes += len(row["png"] or b"")
+        self.bytes += len(row.png or b"")
 
     @property
     def full(self) -> bool:
@@ -324,7 +301,7 @@ class PartBuffer:
     def write(self, dest: str, name: str, files: Files) -> None:
         """Write the rows gathered as part ``name`` and start a new part. PNG bytes do not
         compress: that column is stored as is."""
-        table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+        table = arrow_table(self.rows, OutputRow)
         data = parquet_bytes(
             table, compression={c: "none" if c == "png" else "snappy" for c in table.column_names}
         )
@@ -336,14 +313,13 @@ def write_errors(
     dest: str,
     run_id: str,
     commit: int,
-    errors: Sequence[dict[str, Any]],
+    errors: Sequence[ErrorRow],
     files: Files,
 ) -> None:
-    """Rows of the errors table (dicts with ERRORS_SCHEMA's fields; ``input_sha256`` is None when
-    the bytes could not be read), as one file of a run's commit."""
-    table = pa.Table.from_pylist(list(errors), schema=ERRORS_SCHEMA)
+    """Rows of the errors table, as one file of a run's commit."""
+    table = arrow_table(list(errors), ErrorRow)
     files.write_bytes(join(dest, f"{ERRORS_DIR}/{run_id}-{commit:05d}.parquet"), parquet_bytes(table))
 
 
-def write_summary(dest: str, summary: dict[str, Any], files: Files) -> None:
-    files.write_bytes(join(dest, SUMMARY_NAME), (json.dumps(summary, indent=2) + "\n").encode())
+def write_summary(dest: str, summary: RunSummary, files: Files) -> None:
+    files.write_bytes(join(dest, SUMMARY_NAME), (json.dumps(summary.to_json(), indent=2) + "\n").encode())

@@ -153,27 +153,27 @@ def _run_upscale(job) -> int:
     with JobProgress("upscaling") as progress:
         summary = run_upscale(job, on_progress=progress.update, on_lease_wait=waiting)
     print(
-        f"{summary['inputs']} inputs: {summary['succeeded']} succeeded, {summary['failed']} failed, "
-        f"{summary['skipped']} skipped, {summary['given_up']} given up; "
-        f"{summary['output_megapixels']:.1f} MP out in "
-        f"{summary['seconds']:.1f} s ({summary['output_megapixels_per_second']:.2f} MP/s"
-        + "".join(f", {n} in {p}" for p, n in sorted(summary["precision"].items()))
+        f"{summary.inputs} inputs: {summary.succeeded} succeeded, {summary.failed} failed, "
+        f"{summary.skipped} skipped, {summary.given_up} given up; "
+        f"{summary.output_megapixels:.1f} MP out in "
+        f"{summary.seconds:.1f} s ({summary.output_megapixels_per_second:.2f} MP/s"
+        + "".join(f", {n} in {p}" for p, n in sorted(summary.precision.items()))
         + f") -> {job.dest}"
     )
-    _print_ignored(summary["ignored"], summary["ignored_examples"])
-    if summary["suspect"]:
+    _print_ignored(summary.ignored, summary.ignored_examples)
+    if summary.suspect:
         print(
-            f"{summary['suspect']} outputs far from a bicubic upscale, flagged suspect "
+            f"{summary.suspect} outputs far from a bicubic upscale, flagged suspect "
             "(see --min-psnr-vs-bicubic)",
             file=sys.stderr,
         )
-    if summary["given_up"]:
+    if summary.given_up:
         print(
-            f"{summary['given_up']} inputs failed --max-attempts {job.max_attempts} times and were not tried "
+            f"{summary.given_up} inputs failed --max-attempts {job.max_attempts} times and were not tried "
             f"again: pan runs {job.dest} --failed",
             file=sys.stderr,
         )
-    if summary["failed"] or summary["suspect"]:
+    if summary.failed or summary.suspect:
         print(f"errors table: {job.dest}/_errors", file=sys.stderr)
     check_error_fraction(job, summary)
     return 0
