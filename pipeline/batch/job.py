@@ -33,11 +33,7 @@ from pipeline.batch.stages import build_dataset
 from pipeline.config.settings import UpscaleJob
 from pipeline.errors import DestinationError, PipelineError
 from pipeline.io.storage import is_within, join, location_key
-from pipeline.ray_runtime.pool import (
-    actor_pool,
-    data_context,
-    dataset_batches,
-)
+from pipeline.ray_runtime.pool import data_context, dataset_batches, place_model_actors
 from pipeline.ray_runtime.session import connect
 
 
@@ -166,7 +162,7 @@ def _compute(
     if on_progress:
         on_progress(recorder.counts, 0, total)
     data_context()
-    pool = actor_pool(job.actors, job.actor_cpus, len(work.todo))
+    pool = place_model_actors(job.device, job.actors, job.actor_cpus, len(work.todo), job.gpu_wait_seconds)
     dataset = build_dataset(job, work.todo, pool)
     computing = time.perf_counter()
     with dataset_batches(dataset) as batches:

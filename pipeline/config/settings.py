@@ -116,6 +116,14 @@ PngLevel = Annotated[
         "7-9 make them 1-2.5% smaller for 10-40x the CPU",
     ),
 ]
+GpuWait = Annotated[
+    float,
+    Field(
+        ge=0,
+        description="seconds to wait for GPUs the cluster's autoscaler adds (a cluster resting at zero GPU "
+        "nodes) before failing",
+    ),
+]
 RayAddress = Annotated[
     str | None,
     Field(
@@ -276,6 +284,7 @@ class UpscaleJob(JobSpec, InferenceSpec):
     lease_seconds: float = Field(
         300, ge=10, description="how long DEST's lease lasts unless renewed (every third of it) by a live run"
     )
+    gpu_wait_seconds: GpuWait = 900
     address: RayAddress = None
 
     @property
@@ -314,6 +323,7 @@ class TrainJob(JobSpec):
     seed: int = Field(0, description="random seed")
     log_every: int = Field(10, ge=1, description="record the loss every N steps")
     storage_options: StorageOptions = Field(default_factory=dict)
+    gpu_wait_seconds: GpuWait = 900
     address: RayAddress = None
 
     @property
@@ -357,6 +367,7 @@ class EvalJob(JobSpec, InferenceSpec):
     actors: Actors = None
     actor_cpus: ActorCpus = 0.5
     images_per_batch: int = Field(1, ge=1, description="images per model call of an actor")
+    gpu_wait_seconds: GpuWait = 900
     address: RayAddress = None
 
     def weights_for(self, scale: int) -> str:

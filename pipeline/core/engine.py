@@ -139,7 +139,7 @@ def fastest_precision(
     fastest = min(times, key=times.get)
     chosen = fastest if times["fp32"] >= AUTO_MIN_SPEEDUP * times[fastest] else "fp32"
     timed = {p: f"{t * 1e3:.1f} ms" for p, t in times.items()}
-    log.info("precision auto on %s: %s, %s chosen", device, timed, chosen)
+    log.debug("precision auto on %s: %s, %s chosen", device, timed, chosen)
     return chosen
 
 

@@ -26,7 +26,13 @@ from pipeline.config.settings import SCALE_PLACEHOLDER, EvalJob
 from pipeline.errors import PipelineError, WeightsError
 from pipeline.evaluation.scoring import EvalReport, ImageScore, score_pair
 from pipeline.io.pairs import BenchmarkPair, load_benchmark
-from pipeline.ray_runtime.pool import actor_pool, actor_upscaler, data_context, dataset_batches, model_stage
+from pipeline.ray_runtime.pool import (
+    actor_upscaler,
+    data_context,
+    dataset_batches,
+    model_stage,
+    place_model_actors,
+)
 from pipeline.ray_runtime.session import connect
 
 _SCORES = ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y")
@@ -161,7 +167,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     tasks, ds = _put_benchmarks(job)
     total = sum(len(t.names) for t in tasks)
     # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per CPU.
-    pool = actor_pool(job.actors, job.actor_cpus, total)
+    pool = place_model_actors(job.device, job.actors, job.actor_cpus, total, job.gpu_wait_seconds)
     scored = model_stage(ds, EvalActor, pool, job.precision, batch_size=job.images_per_batch, job=job)
     scores: dict[tuple[int, int], dict[str, float]] = {}
     with dataset_batches(scored) as batches:

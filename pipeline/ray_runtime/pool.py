@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import DeviceError
+from pipeline.ray_runtime.capacity import Capacity, capacity, wait_for_gpus
 from pipeline.ray_runtime.consensus import agreed_build, device_kind, precision_choices
 from pipeline.ray_runtime.quiet import verbose
 from pipeline.ray_runtime.session import user_error
@@ -50,6 +52,9 @@ def data_context() -> None:
                 handler.setLevel(logging.CRITICAL)
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class ActorPool:
     """How a job's model actors run (``actor_pool``): ``size`` actors, each reserving ``num_gpus``
@@ -61,13 +66,31 @@ class ActorPool:
     num_cpus: float
     calls: int
     threads: int
+    min_size: int | None = None  # where the pool grows as GPU nodes come: the actors it starts with
+
+    @property
+    def least(self) -> int:
+        return self.size if self.min_size is None else self.min_size
+
+    def describe(self) -> str:
+        where = f"{self.num_gpus:g} GPU each" if self.num_gpus else f"{self.threads} CPU thread(s) each"
+        count = f"{self.least} to {self.size}" if self.least != self.size else f"{self.size}"
+        return f"{count} model actor(s), {where}"
 
 
-def actor_pool(actors: int | None, actor_cpus: float, inputs: int) -> ActorPool:
-    """The model actors for ``inputs`` inputs: one per GPU where the cluster has GPUs (``actors``
-    beyond the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors reserving
-    ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one per CPU
-    unless ``actors`` says how many; never more actors than inputs.
+# GPU actors a pool may grow to where the autoscaler does not say how many GPUs it may add (the
+# GPU worker group of cluster/ grows to 8); ``--actors`` sets another number.
+UNKNOWN_GROWTH_ACTORS = 8
+
+
+def actor_pool(actors: int | None, actor_cpus: float, inputs: int, cap: Capacity | None = None) -> ActorPool:
+    """The model actors for ``inputs`` inputs on a cluster of capacity ``cap`` (default: the
+    connected one's): one per GPU where the cluster has GPUs or its autoscaler may add them
+    (``actors`` beyond the GPUs share them, 1/k of a GPU each, k actors per GPU), else CPU actors
+    reserving ``actor_cpus`` each (fractional, so CPU tasks around them still get scheduled), one
+    per CPU unless ``actors`` says how many; never more actors than inputs. A pool on GPUs the
+    autoscaler adds starts with the actors the GPUs up now hold (``min_size``, at least one) and
+    grows to ``size`` as nodes come (Ray Data's autoscaling actor pool).
 
     ``calls``: Ray Data calls an actor takes at once. A GPU actor takes 2: while its model runs one
     batch (one at a time still), Ray fetches and formats the next one in the actor's other thread,
@@ -77,16 +100,36 @@ def actor_pool(actors: int | None, actor_cpus: float, inputs: int) -> ActorPool:
     PAN scales linearly over processes, while OpenMP threads stall at every barrier when a decode
     or encode task takes their core (measured on 2 cores: 1.35 vs 1.02 output MP/s,
     benchmarks/README.md). Fewer actors than cores (``actors``, or few inputs) share the cores."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    size = max(1, min(actors or gpus or int(cpus), inputs))
+    cap = cap or capacity()
+    cpus = cap.cpus
+    if cap.gpus or cap.may_add_gpus:
+        reachable = cap.reachable_gpus  # None: the autoscaler does not say
+        size = max(1, min(actors or reachable or UNKNOWN_GROWTH_ACTORS, inputs))
+        share = 1 / math.ceil(size / reachable) if reachable else 1.0  # 1/k: k actors fit each GPU
+        least = max(1, min(size, math.floor(cap.gpus / share))) if cap.may_add_gpus else None
+        threads = max(1, int(cpus // size))
+        return ActorPool(size, share, _leave_cpus_to_tasks(1, size, cpus), 2, threads, min_size=least)
+    size = max(1, min(actors or int(cpus), inputs))
     threads = max(1, int(cpus // size))
-    if gpus:
-        share = 1 / math.ceil(size / gpus)  # 1/k: k actors fit each GPU, whatever k (2/3 would not)
-        return ActorPool(size, share, _leave_cpus_to_tasks(1, size, cpus), calls=2, threads=threads)
     return ActorPool(size, 0, _leave_cpus_to_tasks(actor_cpus, size, cpus), calls=1, threads=threads)
+
+
+def place_model_actors(
+    device: str, actors: int | None, actor_cpus: float, inputs: int, gpu_wait_s: float
+) -> ActorPool:
+    """The model actors of a job (``actor_pool``), decided from its ``device`` setting and the
+    cluster's ``capacity``, and said (logged). On GPUs the autoscaler adds, the first is asked for
+    and waited for (``wait_for_gpus``, at most ``gpu_wait_s``) before the job starts. A CUDA device
+    on a cluster that has no GPU and no autoscaler that may add one is refused at once."""
+    cap = capacity()
+    if device.startswith("cuda") and not (cap.gpus or cap.may_add_gpus):
+        raise DeviceError(f"--device {device} asked for, but the Ray cluster has {cap.describe()}")
+    pool = actor_pool(actors, actor_cpus, inputs, cap)
+    log.info("%s (%s)", pool.describe(), cap.describe())
+    if pool.num_gpus and not cap.gpus:
+        wait_for_gpus(1, pool.num_cpus, gpu_wait_s, say=log.info)
+        pool = actor_pool(actors, actor_cpus, inputs)
+    return pool
 
 
 def model_stage(
@@ -104,7 +147,9 @@ def model_stage(
             "threads": pool.threads,
             "choices": precision_choices(precision, pool.size),
         },
-        compute=ray.data.ActorPoolStrategy(size=pool.size, max_concurrent_calls_per_actor=pool.calls),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=pool.least, max_size=pool.size, max_concurrent_calls_per_actor=pool.calls
+        ),
         num_gpus=pool.num_gpus,
         num_cpus=pool.num_cpus,
         batch_size=batch_size,

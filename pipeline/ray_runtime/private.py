@@ -99,8 +99,14 @@ TRAIN_PRINT_PATCH = Mention("RAY_TRAIN_ENABLE_PRINT_PATCH", "train")  # each pri
 TRAIN_PREEMPTION_WATCHER = Mention("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "train")
 
 # -- the autoscaler: what a cluster may grow to, what is starting -------------------------------------
-CLUSTER_CONFIG = Attribute("ray._private.state", "state")  # .get_cluster_config(), as Ray Data and Train use
-AUTOSCALER_STATUS = Attribute("ray.autoscaler.v2.sdk", "get_cluster_status")
+# The cluster config's most resources, as Ray Data and Ray Train read it
+# (.get_max_resources_from_cluster_config()); published by newer autoscalers, not Ray 2.60's.
+CLUSTER_CONFIG = Attribute("ray._private.state", "state")
+AUTOSCALER_STATUS = Attribute("ray.autoscaler.v2.sdk", "get_cluster_status")  # nodes by type, launches
+KV_GET = Attribute("ray.experimental.internal_kv", "_internal_kv_get")
+V2_FLAG_KEY = Attribute("ray._raylet", "GCS_AUTOSCALER_V2_ENABLED_KEY")  # b"1" while a v2 autoscaler runs
+V2_FLAG_NAMESPACE = Attribute("ray._raylet", "GCS_AUTOSCALER_STATE_NAMESPACE")
+V1_STATUS_KEY = Mention("__autoscaling_status", "_private")  # the v1 monitor's report, as JSON
 
 ALL = (
     TOKEN_NOTICE,
@@ -115,6 +121,10 @@ ALL = (
     TRAIN_PREEMPTION_WATCHER,
     CLUSTER_CONFIG,
     AUTOSCALER_STATUS,
+    KV_GET,
+    V2_FLAG_KEY,
+    V2_FLAG_NAMESPACE,
+    V1_STATUS_KEY,
 )
 
 

@@ -20,6 +20,7 @@ model (another scale, or ``init_weights`` of another shape) is refused before an
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipeline.errors import PipelineError, SettingsError
 from pipeline.io.storage import join
 from pipeline.training.loop import train_loop
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
@@ -78,13 +80,38 @@ def claim_run(job: TrainJob, config: PANConfig) -> None:
     job.files.write_bytes(location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode())
 
 
+def _wait_for_gpu_workers(job: TrainJob) -> None:
+    """``--gpu``: one GPU per worker, up now or added by the cluster's autoscaler (asked for and
+    waited for, at most ``gpu_wait_seconds``); refused at once where they cannot come."""
+    from pipeline.ray_runtime.capacity import capacity, wait_for_gpus
+
+    cap = capacity()
+    if cap.gpus >= job.workers:
+        return
+    reachable = cap.reachable_gpus
+    if not cap.may_add_gpus or (reachable is not None and reachable < job.workers):
+        raise PipelineError(
+            f"--gpu with {job.workers} worker(s) needs {job.workers} GPU(s), but the Ray cluster has "
+            f"{cap.describe()}"
+        )
+    log.info("%d Ray Train worker(s), one GPU each (%s)", job.workers, cap.describe())
+    wait_for_gpus(job.workers, 1, job.gpu_wait_seconds, say=log.info)
+
+
+def _backend(job: TrainJob) -> str:
+    """nccl between GPU workers where torch has it (every CUDA build), else gloo: a torch built
+    without it (a CPU build, on GPUs CUDA cannot see) trains on the CPU."""
+    import torch.distributed
+
+    return "nccl" if job.gpu and torch.distributed.is_nccl_available() else "gloo"
+
+
 def run_training(job: TrainJob):
     """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result.
 
     Fails fast on the driver, before Ray starts: the data sources open (names only, nothing
     decoded), the weights load, the storage takes a write, and a resume trains the same model.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -104,13 +131,13 @@ def run_training(job: TrainJob):
     if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
         os.environ.setdefault(private.TRAIN_PREEMPTION_WATCHER.name, "0")
     connect(job.address, ray_train=True)
-    if job.gpu and not ray.cluster_resources().get("GPU"):
-        raise PipelineError("--gpu asked for, but the Ray cluster has no GPUs")
+    if job.gpu:
+        _wait_for_gpu_workers(job)
     filesystem, storage_path = job.files.pyarrow_filesystem(job.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job.model_dump(),
-        torch_config=TorchConfig(backend="nccl" if job.gpu else "gloo"),
+        torch_config=TorchConfig(backend=_backend(job)),
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu),
         run_config=RunConfig(
             name=job.name,

@@ -162,7 +162,9 @@ def train_loop(config: dict[str, Any]) -> None:
     job = TrainJob(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # A worker given a GPU that CUDA cannot see (a logical GPU, as the autoscaling tests give) trains
+    # on the CPU, as a model actor there does with --device cpu.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(job.seed + rank)
 
     files = job.files
@@ -194,7 +196,7 @@ def train_loop(config: dict[str, Any]) -> None:
         except SettingsError as exc:
             raise SettingsError(f"{job.run_dir}: {exc}") from exc
     files = _RunFiles(job, training.step) if rank == 0 else None
-    training.model = model = ray.train.torch.prepare_model(model)
+    training.model = model = ray.train.torch.prepare_model(model, move_to_device=device)
 
     pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data, files=files)
     dataset = PatchDataset(
@@ -204,7 +206,8 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_worker, shuffle=True, drop_last=True, num_workers=job.loader_workers
     )
-    loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler: each worker its shard
+    # DistributedSampler: each worker its shard; batches moved to the worker's GPU where CUDA has one
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=device.type == "cuda")
     if len(loader) == 0:
         raise PipelineError(f"{job.data} has too few images for a batch of {per_worker} per worker")
     val_pairs = load_benchmark(job.val_data, job.scale, files=files)[1] if job.val_data and rank == 0 else []
