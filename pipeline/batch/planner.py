@@ -5,8 +5,9 @@ changed since), when some of its inputs lack an output in a sink the run writes,
 inputs failed fewer than ``max_attempts`` times. Everything else is counted, not read: done inputs
 as skipped, inputs that failed ``max_attempts`` times as given up. Planning lists the source and
 reads the ledger (``pipeline.batch.ledger``); it lists the outputs and reads Parquet names only to
-*rescan* the destination: when asked (``rescan_dest``), or once for a destination made before the
-ledger existed, whose finished outputs are then adopted into the ledger.
+*rescan* the destination: when asked (``rescan_dest``), or once for a destination whose ledger
+has no run yet (its outputs, if any, made without a ledger), whose finished outputs are then
+adopted into the ledger.
 
 An output name belongs to the first input that took it (``_Names``). Across runs the ledger says
 who: the input that first made an output under the name owns it while that output stands, even

@@ -28,8 +28,8 @@ Every file appears under its final name only when complete (see ``pipeline.io.st
 A destination is claimed before any work (``claim_dest``): a new or empty one gets a record; one
 with a record is ours, and is refused when the run's scale or weights differ from it, unless the
 run overwrites; a non-empty one without a record holds files we did not write and is refused,
-``--overwrite`` or not. (Destinations made before records existed, recognised by their
-``_summary.json``, are adopted.) Hidden files do not count: outputs are never hidden.
+``--overwrite`` or not, unless it holds pan's ``_summary.json`` (a destination of a pan without
+records), which is adopted. Hidden files do not count: outputs are never hidden.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def claim_dest(
     if record is None:
         entries = _some_visible_files(dest, files)
         fs, summary = files.filesystem(join(dest, SUMMARY_NAME))
-        legacy = fs.exists(summary)  # made by pan before destinations had records
+        legacy = fs.exists(summary)  # made by a pan that wrote no record
         if entries and not legacy:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise DestinationError(

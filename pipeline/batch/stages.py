@@ -110,9 +110,8 @@ def psnr_vs_bicubic(source: np.ndarray, output: np.ndarray) -> float:
     """The quality gate's measure (not a paper metric, see ``pipeline.core.metrics`` for those): PSNR of
     an output against Pillow's bicubic upscale of its input to the same size, over all channels,
     with the peak of the pixels' dtype. Plausible outputs stay near bicubic; outputs PAN blew up and
-    clamping hid are far from it. Measured with the official weights (benchmarks/quality_gate.py):
-    Set5, Set14 and 20 BSDS200 photos at least 26.6 dB at x2 and 22.4 dB at x4 (medians 32.5 and
-    29.8); uniform and strong Gaussian noise, salt-and-pepper and a 1-px checkerboard 4-11 dB."""
+    clamping hid are far from it: with the official weights, photos score 22 dB or more and noise
+    or patterns PAN breaks on 4-11 dB (benchmarks/quality_gate.py, benchmarks/README.md)."""
     from PIL import Image
 
     height, width = output.shape[:2]
@@ -175,7 +174,7 @@ def read_blocks(todo: list[InputUnit], actors: int) -> int:
     but at least two per model actor (as inputs allow) so that every actor gets work.
 
     Reading and decoding an image takes about a millisecond while a Ray task costs tens of them:
-    with one task per image or two, task overhead took the CPU that encoding needed on a small
+    tasks of one image or two would spend on their overhead the CPU that encoding needs on a small
     machine.
     """
     per_task = 1 if any(u.kind != "image" for u in todo) else IMAGES_PER_READ_TASK

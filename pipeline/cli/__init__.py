@@ -149,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.ray_runtime.session import Terminated, shutdown_on_exit, use_configured_token
 
     args = build_parser().parse_args(argv)
-    # Every command connects explicitly (raycluster.connect): a stray Ray call after the shutdown
-    # must fail, not start a new Ray, dashboard and all, while the command exits.
+    # Every command connects explicitly (ray_runtime.session.connect): a stray Ray call after the
+    # shutdown must fail, not start a new Ray, dashboard and all, while the command exits.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     use_configured_token()
     logging.basicConfig(format="pan: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)

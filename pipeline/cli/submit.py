@@ -26,7 +26,7 @@ what is new. One exception keeps a schedule's meaning: a scheduled spec whose ru
 succeeded is not run again that day, unless asked (``again``).
 
 Token authentication: a token in ``RAY_AUTH_TOKEN`` (or the file ``RAY_AUTH_TOKEN_PATH``) is sent
-as ``Authorization: Bearer``; see ``raycluster.auth_token``.
+as ``Authorization: Bearer``; see ``pipeline.ray_runtime.session.auth_token``.
 """
 
 from __future__ import annotations

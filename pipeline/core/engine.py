@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +42,6 @@ import torch
 from pipeline.core.model import PAN
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
 from pipeline.errors import DeviceError, first_line
-
-if TYPE_CHECKING:
-    pass
 
 AUTO = "auto"  # a setting decided at run time: the device, the tile size, the precision, the batch
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -79,9 +76,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 # Precisions that score within 0.02 dB PSNR_Y of fp32 on Set5 and Set14 (the "equal quality" of
-# precision=auto), by device type. CPU bf16, with the skip in fp32 (``_run``): -0.0045 dB at worst
-# (Set5 x2), 2.3x the speed of fp32 (benchmarks/README.md, "bf16 on the CPU"). CUDA fp16 and bf16
-# are held to it by tests/test_gpu.py (not yet run on a GPU).
+# precision=auto), by device type. CPU bf16, with the skip in fp32 (``_compute``): -0.0045 dB at
+# worst (Set5 x2), about 2x the speed of fp32 (benchmarks/README.md, "bf16 on the CPU"). CUDA fp16
+# and bf16 are held to it by tests/test_gpu.py.
 EQUAL_QUALITY = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 # A reduced precision must beat fp32 by this much to be picked: where they time alike (a CPU that
 # emulates bf16, a busy machine) the choice would otherwise flip from actor to actor and run to run,
@@ -91,9 +88,9 @@ AUTO_MIN_SPEEDUP = 1.25
 
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or newer, as torch's own compiler
-    asks). Without them bf16 runs on reference code: 9.4x slower than fp32 on a 2-core AVX2 EPYC,
-    where timing it cost ``auto`` 6.7 s per engine (benchmarks/README.md). True when this torch
-    cannot say: timing then decides."""
+    asks). Without them bf16 runs on reference code, about 10x slower than fp32, and timing it
+    would cost ``auto`` seconds per engine for a precision that cannot win (benchmarks/README.md,
+    "A CPU without bf16"). True when this torch cannot say: timing then decides."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return True if check is None else bool(check())
 
@@ -112,9 +109,8 @@ def fastest_precision(
     precision whose residual (the part that runs in it) is fastest, timed on a ``side`` x ``side``
     window (best of ``rounds`` after a warm-up); fp32 when it is the only one, and unless a reduced
     precision is at least ``AUTO_MIN_SPEEDUP`` times as fast. A precision slower than fp32's best
-    in a round is not timed again: it cannot win. ``side`` defaults to 96 on the CPU
-    and 512 on a GPU, where a small window times the ops' dispatch, the same in every precision
-    (on an H100, auto chose fp32 so in the pipeline's actors, where fp16 ran 1.35x as fast)."""
+    in a round is not timed again: it cannot win. ``side`` defaults to 96 on the CPU and 512 on a
+    GPU, where a small window would time the ops' dispatch, the same in every precision."""
     if len(models) == 1:
         return next(iter(models))
     side = side or (512 if device.type == "cuda" else 96)
@@ -145,13 +141,9 @@ def fastest_precision(
 
 def bytes_per_lr_pixel(model: PAN, dtype: torch.dtype = torch.float32) -> int:
     """An estimate of peak memory per input pixel of a whole-image ``upscale`` (activations under
-    inference_mode, and the output's conversion), a little above what was measured.
-
-    Measured on CPU with fp32, peak RSS growth of a 480x270 input: 1.34 KB per LR pixel at x2,
-    4.81 KB at x4; this formula (the LR trunk's live tensors plus the HR stage's at scale**2)
-    gives 1.79 and 5.25. (It used to give 2.9 and 8.6: an HD output at x4 was then tiled on the
-    CPU's 1 GiB budget, costing 47% more convolution work; benchmarks/peer.py.)
-    """
+    inference_mode, and the output's conversion): the LR trunk's live tensors plus the HR stage's
+    at scale**2, a little above the peak measured (benchmarks/README.md). It must not be far above:
+    an overestimate tiles images that would fit whole, and tiles compute their context again."""
     cfg = model.config
     elements = 4 * cfg.nf + 3 * cfg.unf * cfg.scale**2
     return elements * torch.finfo(dtype).bits // 8
@@ -166,19 +158,13 @@ def keep_freed_memory() -> bool:
     """Make this process reuse the memory tensors free instead of handing it back to the kernel
     (glibc only; elsewhere nothing changes). Returns whether it applied; calling it again is harmless.
 
-    glibc serves every allocation over 32 MB (and, past its moving threshold, smaller ones) with a
-    fresh ``mmap`` and unmaps it on free, so each new activation of a forward pass arrives as
-    zeroed pages, one page fault per 4 KB. PAN's activations at x4 are large (24 channels at the
-    output size: 100 MB in bf16 for a 1080p output), and a 480x270 -> 1920x1080 forward pass spent
-    a quarter of its CPU time in the kernel (240,000 page faults). With chunks taken from the heap
-    (no ``mmap``) and the heap not trimmed below ``KEPT_FREE_BYTES`` of free memory, later passes
-    fault (almost) no page: that image upscales 1.5x faster (2 threads, bf16), Set14-sized ones
-    1.05-1.2x (benchmarks/README.md). The cost: the process keeps the memory of its largest image
-    (resident memory stays at that peak, which ``memory_budget`` bounds, instead of falling back
-    between images), as a caching allocator would.
-
-    Process-wide, so it is set where a process runs the model: every ``Upscaler`` sets it. Training
-    does not (measured: no gain on its small patches)."""
+    Why: glibc serves large allocations with a fresh ``mmap`` and unmaps them on free, so each of
+    PAN's large activations (24 channels at the output's size at x4) would arrive as zeroed pages,
+    a page fault per 4 KB, a quarter of a 1080p pass's CPU time (benchmarks/README.md). With every
+    chunk taken from the heap (no ``mmap``) and the heap trimmed only past ``KEPT_FREE_BYTES`` of
+    free memory, later passes fault almost no page. The cost: the process keeps the memory of its
+    largest image (which ``memory_budget`` bounds), as a caching allocator would. Process-wide:
+    every ``Upscaler`` sets it; training does not (no gain on its small patches)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
@@ -452,13 +438,13 @@ class _CudaGraphs:
     """``compute`` (a tensor -> tensors) replayed from CUDA graphs, one per input shape that recurs.
 
     Run eagerly, each of PAN's ~270 ops per forward pass is dispatched from Python, which costs
-    milliseconds per pass whatever its size: on an H100 the engine spent most of its time so on
-    Set14-sized images, and reached 1 % of the card's convolution rate (benchmarks/README.md). A
-    graph replays the whole pass in one call. A shape is recorded the second time it comes, so a
-    shape seen once never pays for the recording (a warm-up pass and the capture). The first
-    ``limit`` shapes recorded are kept for good, later ones run eagerly: dropping graphs to record
-    new ones would, on a stream of more shapes than that, record each shape again and again. Each
-    graph keeps the memory of its pass's activations, so the caller offers only shapes small enough.
+    milliseconds per pass whatever its size: on Set14-sized images a GPU spends most of its time
+    waiting for that dispatch (benchmarks/README.md, "gpu_pipeline.py"). A graph replays the whole
+    pass in one call. A shape is recorded the second time it comes, so a shape seen once never pays
+    for the recording (a warm-up pass and the capture). The first ``limit`` shapes recorded are kept
+    for good, later ones run eagerly: dropping graphs to record new ones would, on a stream of more
+    shapes than that, record each shape again and again. Each graph keeps the memory of its pass's
+    activations, so the caller offers only shapes small enough.
 
     A replay writes the same output tensors each time: read them (or queue a copy of them on the
     stream) before the next call with that shape."""

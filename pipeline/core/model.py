@@ -12,15 +12,11 @@ N x out_nc x (scale*H) x (scale*W), not clamped.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    pass
-
 
 SCALES = (2, 3, 4)  # the upscaling factors PAN is defined for
 

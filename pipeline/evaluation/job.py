@@ -62,7 +62,7 @@ def comparison_png(pair: BenchmarkPair, score: ImageScore, sr: np.ndarray, bicub
 
 class EvalActor:
     """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use, in the
-    precision the pool's actors agree on (``choices``: ``raycluster.precision_choices``), with
+    precision the pool's actors agree on (``choices``: ``ray_runtime.consensus``), with
     ``threads`` torch threads on the CPU."""
 
     def __init__(self, job: EvalJob, threads: int, choices: Any | None = None) -> None:

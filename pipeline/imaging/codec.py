@@ -131,8 +131,8 @@ class DecodedImage:
     def __repr__(self) -> str:
         """What the image is, not its pixels: Ray Data writes out ``str`` of a whole column of
         images each time it turns one into an Arrow block (it tries Arrow's own types first and
-        keeps the message of that failure), and numpy's printing of the pixel arrays took 0.24 ms
-        per image at each stage boundary; a pipeline's model actor spent 13 % of its time so."""
+        keeps the message of that failure), and printing the pixel arrays would cost about 0.24 ms
+        per image at each stage boundary (benchmarks/README.md)."""
         kind = "gray" if self.is_grayscale else "RGB"
         alpha = " + alpha" if self.alpha is not None else ""
         return (
@@ -392,9 +392,9 @@ def _png_settings(level: int) -> dict[str, int]:
     Every row is Paeth-filtered: trying all five filters per row, as Pillow and libpng do by
     default, costs a third of the time for files 0.2% smaller. Level 1 runs zlib's RLE strategy,
     which only matches runs; 2-9 search for repeated strings too. On PAN's x4 outputs of Set14 and
-    Set5 (``benchmarks/png_levels.py``), level 1 encodes 1.9x as fast as Pillow's level 1 (our
-    writer before) with files 10% smaller, as small as level 6 makes them in a seventh of its time;
-    7-9 make them 1-2.5% smaller for 10-40x the time. Level 0 stores the filtered rows.
+    Set5 (``benchmarks/png_levels.py``), level 1 makes files as small as level 6 does in a seventh
+    of its time, and 7-9 make them 1-2.5% smaller for 10-40x the time. Level 0 stores the filtered
+    rows.
     """
     strategy = imagecodecs.PNG.STRATEGY.RLE if level == 1 else imagecodecs.PNG.STRATEGY.DEFAULT
     return {"strategy": int(strategy), "filter": int(imagecodecs.PNG.FILTER.PAETH)}

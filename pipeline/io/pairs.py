@@ -1,4 +1,5 @@
-"""Image pairs (HR + LR) for training and evaluation, read lazily, and the training patch dataset.
+"""Image pairs (HR + LR) for training and evaluation, read lazily (the training patches cut from
+them: ``pipeline.training.patches``).
 
 A ``PairSource`` is a sized, random-access list of pairs: ``pair(i)`` decodes item ``i`` when called
 and nothing is decoded up front, so a training worker reads only the items it samples. Each pair is
@@ -380,7 +381,3 @@ def _load_hf(source: str, split: str | None, files: Files) -> Any:
                 return loaded[preferred]
         raise DatasetError(f"{source} has splits {sorted(loaded)}; choose one with --split")
     return loaded
-
-
-# ---------------------------------------------------------------------------------------------
-# training patches

@@ -167,8 +167,8 @@ class Files:
         """The filesystem and the path within it for a local path or URL.
 
         fsspec shares filesystem instances and their listing caches within a process; files here
-        change under us (re-runs, other workers), so the cache for the location is dropped first. A
-        stale entry made s3fs send an old ETag and fail with PreconditionFailed. ``fail_fast``: no
+        change under us (re-runs, other workers), so the cache for the location is dropped first: a
+        stale entry makes s3fs send an old ETag and fail with PreconditionFailed. ``fail_fast``: no
         retries and short timeouts where the protocol has such settings (checks before a job starts).
         """
         options = dict(self.options)

@@ -13,7 +13,7 @@ class _PrecisionChoices:
     first actor of a kind to ``claim`` it measures, then says what it chose, or that it could not
     (``decide``); the others wait for that answer. So one run's outputs are made in one
     precision per kind of device, and actors sharing a GPU do not time their trials while the
-    others run theirs (on an H100, four such actors chose fp16/fp32 and fp32/bf16 in two runs)."""
+    others run theirs, which skews each one's timing and splits their choices."""
 
     def __init__(self) -> None:
         self._choices: dict[str, Any] = {}  # kind -> asyncio.Future of the precision (None: measure)

@@ -22,8 +22,8 @@ def dataset_batches(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
     """``with dataset_batches(ds) as batches: for batch in batches: ...`` (numpy batches as they
     come). A task or actor that failed because of the user raises that ``PipelineError``; and
     however the block ends (Ctrl-C and SIGTERM included), Ray Data's executor is shut down then,
-    not when the iterator is garbage-collected after Ray has gone, which started a new Ray (with
-    its dashboard) while the command exited."""
+    not when the iterator is garbage-collected after Ray has gone, which would start a new Ray
+    (with its dashboard) while the command exits."""
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         yield batches
@@ -165,11 +165,11 @@ def _leave_cpus_to_tasks(wanted: float, size: int, cpus: float) -> float:
     ``CPUS_LEFT_TO_TASKS`` stay free for the tasks around them (as many as the cluster has).
     Reserving less only lets processes share cores, which they do anyway.
 
-    Why two: Ray Data runs read tasks ahead, and with one CPU left the reads held it while the
-    first outputs waited to be encoded: on 2 cores, a 1,900-input run gave its first output after
-    38 s; with a read and an encode side by side, after 22 s, at the same throughput. Why any: on
-    a 1-CPU machine (or a 2-CPU one with a GPU) the actors once took every CPU, and the run hung,
-    as no task could start."""
+    Why two: Ray Data runs read tasks ahead, and with one CPU left the reads hold it while the
+    first outputs wait to be encoded; with a read and an encode side by side the first output
+    comes sooner (22 s instead of 38 s on 2 cores, benchmarks/README.md), at the same throughput.
+    Why any: actors that took every CPU (a 1-CPU machine, or a 2-CPU one with a GPU) would leave
+    no task able to start, and the run would hang."""
     return max(0.0, min(wanted, (cpus - CPUS_LEFT_TO_TASKS) / size))
 
 
@@ -215,7 +215,7 @@ def actor_upscaler(spec: Any, scale: int, threads: int, choices: Any | None, fil
     device = actor_device(spec.device)
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model is
-        # the bottleneck, so let it use its share of the node's cores (measured: 1.9x on 2).
+        # the bottleneck, so let it use its share of the node's cores (1.9x on 2: benchmarks/README.md).
         torch.set_num_threads(threads)
     share = actor_gpu_share()
 

@@ -4,7 +4,7 @@ The project allows ``ray>=2.50,<3``, and Ray renames its internals between relea
 below is something Ray does not promise to keep: a logger named after a module, an attribute of a
 ``_private`` module, an environment variable Ray reads but does not document. Code elsewhere in
 ``ray_runtime`` refers to these constants, never to the strings; ``missing()`` lists those the
-installed Ray no longer has, and ``tests/test_ray_runtime.py`` fails on any.
+installed Ray lacks, and ``tests/test_ray_runtime.py`` fails on any.
 """
 
 from __future__ import annotations

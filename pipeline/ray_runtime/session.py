@@ -1,13 +1,13 @@
 """Ray plumbing shared by the jobs (upscale, eval, train): joining a cluster or starting an
-embedded one that is quiet and leaves nothing behind, sizing actor pools, choosing an actor's
-device, and finding the user's error inside a Ray failure.
+embedded one that is quiet and leaves nothing behind, shutting it down, and finding the user's
+error inside a Ray failure.
 
 An embedded Ray (no address given) is the command's own: it starts without the dashboard, says
 only what matters (Ray's own INFO lines, warnings and its one benign C++ error line are hidden
 unless ``quiet_ray(verbose=True)``), is shut down when the command ends (normally, on an error,
 on Ctrl-C or SIGTERM), and, should the command be killed outright, a watchdog process ends every
-process it had started within a few seconds (Linux; without it two Ray agents, about 200 MB,
-outlived a SIGKILLed driver by a minute or more).
+process it had started within a few seconds (Linux; without it, Ray's agents, about 200 MB,
+outlive a SIGKILLed driver by a minute or more).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
     ``ray_train``: the embedded Ray's workers run ``setup_worker`` first, which Ray Train's own
     actors need. Only training asks for it: a job with a runtime environment cannot use the
     workers Ray starts ahead with the cluster (for jobs without one), so every worker is started
-    on demand. Measured on a 2-core VM: two tasks' first run 2.1 s against 0.6 s, and the README's
-    ``pan upscale`` 27.2-28.6 s against 23.5-25.0 s.
+    on demand, which delays its first tasks by a second or more and a short ``pan upscale`` by a
+    few seconds (benchmarks/README.md, "Workers Ray starts ahead").
     """
     import ray
 
@@ -111,8 +111,8 @@ def setup_worker() -> None:
     (``worker_process_setup_hook``, ``connect(ray_train=True)``).
 
     It names its own cluster in ``RAY_ADDRESS``: Ray Train's placement-group cleaner asks the
-    State API for "the" local cluster and crashed with "Found multiple active Ray instances" when
-    another command had a Ray running on the machine. In a quiet run, it also silences what Ray
+    State API for "the" local cluster, and fails with "Found multiple active Ray instances" when
+    another command has a Ray running on the machine. In a quiet run, it also silences what Ray
     Train's internal actors log at every step or second, which its ``LoggingConfig`` does not
     reach: that a result was reported, and, with no dashboard to ask, that the controller's state
     could not be queried (that only matters on a shared cluster)."""

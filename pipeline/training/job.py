@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
-# -- inside each worker ---------------------------------------------------------------------------
-
-
 # -- the driver -----------------------------------------------------------------------------------
 
 
@@ -126,7 +123,7 @@ def run_training(job: TrainJob):
     config = model_config(job)
     job.files.check_writable(job.storage)
     claim_run(job, config)
-    # Ray Train copies each print of a worker to the logs as well, which showed every step twice.
+    # Ray Train copies each print of a worker to the logs as well: every step would show twice.
     os.environ.setdefault(private.TRAIN_PRINT_PATCH.name, "0")
     if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted
         os.environ.setdefault(private.TRAIN_PREEMPTION_WATCHER.name, "0")
