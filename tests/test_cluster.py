@@ -672,7 +672,13 @@ def test_dockerignore_keeps_local_state_out_and_the_build_inputs_in():
         if ln.strip() and not ln.startswith("#")
     ]
     assert {".git", ".venv", "runs"} <= set(patterns)
-    needed = ["pyproject.toml", "README.md", "requirements.lock", "pipeline/cli/__init__.py", "jobs/retrain-x2.yaml"]
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "requirements.lock",
+        "pipeline/cli/__init__.py",
+        "jobs/retrain-x2.yaml",
+    ]
     for path in needed:
         prefixes = [str(Path(*Path(path).parts[: i + 1])) for i in range(len(Path(path).parts))]
         excluded = [p for p in patterns if any(fnmatch.fnmatch(x, p.removeprefix("**/")) for x in prefixes)]
