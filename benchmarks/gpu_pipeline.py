@@ -138,10 +138,14 @@ def engine_variants(spec: Any, scale: int, pixels: list[Any], per_call: int, cho
     """The engine in each precision (with CUDA graphs on a GPU, the default), in ``chosen``
     without graphs, then in ``chosen`` compiled (build and warm-up timed apart)."""
     from pipeline.config.builder import build_upscaler
-    from pipeline.core.engine import auto_candidates, resolve_device
+    from pipeline.core.engine import EQUAL_QUALITY, resolve_device
     from pipeline.io.storage import Files
 
-    variants = [(p, "default", {}) for p in auto_candidates(resolve_device(spec.device))]
+    device = resolve_device(spec.device)
+    import torch
+
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    variants = [(p, "default", {}) for p in EQUAL_QUALITY[device.type] if p != "bf16" or bf16]
     variants += [(chosen, "no CUDA graphs", {"cuda_graphs": False}), (chosen, "compiled", {"compile": True})]
     rows = []
     for precision, label, settings in variants:

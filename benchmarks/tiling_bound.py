@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from images import SHARED, hd_lr  # benchmarks/images.py
 
-from pipeline.core.engine import Upscaler, cpu_has_bf16_kernels
+from pipeline.core.engine import Upscaler, auto_precision
 from pipeline.core.model import PAN
 from pipeline.imaging import decode_image
 from pipeline.io.weights import load_pretrained
@@ -154,7 +154,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
-          f"oneDNN bf16 kernels: {cpu_has_bf16_kernels()}")  # fmt: skip
+          f"precision auto: {auto_precision(torch.device('cpu'))}")  # fmt: skip
     if args.speed:
         speed(args.scales[0], args.tiles, args.contexts, args.precisions, args.speed)
         return

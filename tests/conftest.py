@@ -61,11 +61,20 @@ def s3_server():
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_server):
-    """A local Ray for one test module, started after the S3 server so its workers can reach it."""
+def local_ray(s3_server, _shared_ray):
+    """A local Ray shared by the test modules that need one (started after the S3 server, so its
+    workers reach it): started once, and again only in a module after one whose tests needed a Ray
+    of other resources and shut it down. Starting one costs seconds on a small machine."""
     import ray
 
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    yield
+    import ray
+
     ray.shutdown()

@@ -131,7 +131,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, weights_dir):
     )
     err = _one_error_line(capsys, ["upscale-image", str(tmp_path / "notes.txt"), "o.png", "--scale", "2"])
     assert "notes.txt" in err
-    assert ".png, .jpg or .webp" in _one_error_line(
+    assert ".png, .jxl, .jpg or .webp" in _one_error_line(
         capsys, ["upscale-image", "a.png", "out.gif", "--scale", "2"]
     )
     w = str(weights_dir / "PANx4_DF2K.pth")

@@ -384,7 +384,7 @@ def test_png_compress_level_changes_size_not_pixels():
 
 
 def test_unknown_format_names_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"'gif'.*png, jpeg \(jpg\), webp"):
+    with pytest.raises(ValueError, match=r"'gif'.*png, jxl, jpeg \(jpg\), webp"):
         encode_image(DecodedImage(rgb, None, "RGB", None), "gif")
 
 
@@ -574,6 +574,75 @@ def test_level_1_png_of_an_upscaled_photo_is_smaller_than_pillows(benchmarks_dir
         photo = src.convert("RGB")  # a camera photo, as smooth as an upscaled one
     ours = encode_image(DecodedImage(np.asarray(photo), None, "RGB", None), "png", png_compress_level=1)
     assert len(ours) < 0.95 * len(_save(photo, "PNG", compress_level=1))
+
+
+def _chunks(png: bytes) -> list[bytes]:
+    chunks, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at : at + 4], "big")
+        chunks.append(png[at + 4 : at + 8])
+        at += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("image", "writer"),
+    [
+        (DecodedImage(rgb, None, "RGB", None), "fpng"),
+        (DecodedImage(rgb, gray, "RGBA", None), "fpng"),
+        (DecodedImage(_card16(), None, "RGB", None), "libpng"),  # fpng would wrap 16-bit values unasked
+        (DecodedImage(_card16(), _card16()[..., 0].copy(), "RGBA", None), "libpng"),
+        (DecodedImage(gray, None, "L", None), "libpng"),
+        (DecodedImage(gray, gray[::-1].copy(), "LA", None), "libpng"),  # fpng returns no bytes for 2 channels
+        (DecodedImage(rgb[:, :1].copy(), None, "RGB", None), "fpng"),
+    ],
+    ids=["RGB8", "RGBA8", "RGB16", "RGBA16", "L8", "LA8", "one column"],
+)
+def test_the_fast_png_writer_takes_8bit_colour_and_every_png_round_trips_exactly(image, writer):
+    """The default writes 8-bit RGB(A) with fpng (one IDAT, its private fdEC chunk) and the rest
+    with libpng; each file decodes to the very values written, through Pillow too."""
+    out = encode_image(image, "png")
+    assert ("fdEC" in {c.decode() for c in _chunks(out)}) == (writer == "fpng")
+    np.testing.assert_array_equal(_stacked(decode_image(out)), _stacked(image))
+    if image.bit_depth == 8:
+        with Image.open(io.BytesIO(out)) as back:
+            np.testing.assert_array_equal(np.asarray(back).reshape(_stacked(image).shape), _stacked(image))
+
+
+def test_without_fpng_every_png_goes_through_libpng(monkeypatch):
+    """A platform without fpng's wheel: the same pixels, the libpng way."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fpng", None)  # import fpng raises ImportError
+    image = DecodedImage(rgb, None, "RGB", None)
+    out = encode_image(image, "png")
+    assert "fdEC" not in {c.decode() for c in _chunks(out)}
+    np.testing.assert_array_equal(decode_image(out).pixels, rgb)
+
+
+def test_png_levels_are_fast_or_zlib_levels():
+    with pytest.raises(ValueError, match="neither 'fast' nor a zlib level 0-9"):
+        encode_image(DecodedImage(rgb, None, "RGB", None), "png", png_compress_level=10)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        DecodedImage(rgb, None, "RGB", None),
+        DecodedImage(rgb, gray, "RGBA", None),
+        DecodedImage(_card16(), None, "RGB", None),
+        DecodedImage(gray, gray[::-1].copy(), "LA", None),
+    ],
+    ids=["RGB8", "RGBA8", "RGB16", "LA8"],
+)
+def test_jpeg_xl_is_lossless_in_every_layout(image):
+    import imagecodecs
+
+    out = encode_image(image, "jxl")
+    assert out[:2] == b"\xff\x0a" or out[4:8] == b"JXL "  # a codestream or its container
+    np.testing.assert_array_equal(
+        imagecodecs.jpegxl_decode(out).reshape(_stacked(image).shape), _stacked(image)
+    )
 
 
 def test_an_images_repr_names_it_without_printing_its_pixels():

@@ -59,104 +59,6 @@ class _Engine:
         self.precision = precision
 
 
-def _agree(choices, kind: str, fails: bool = False) -> tuple[list[str], list[str]]:
-    """Three actors' builds at once, as threads: what each was built with, and what each got."""
-    import threading
-    import time
-
-    from pipeline.ray_runtime.consensus import agreed_build
-
-    asked, got = [], []
-
-    def build(precision: str) -> _Engine:
-        asked.append(precision)
-        if precision == "auto":
-            time.sleep(0.5)  # loading and timing the trials: the others wait meanwhile
-            if fails:
-                raise RuntimeError("CUDA out of memory")
-            return _Engine("bf16")
-        return _Engine(precision)
-
-    def actor() -> None:
-        try:
-            got.append(agreed_build(choices, kind, "auto", build).precision)
-        except RuntimeError as exc:
-            got.append(str(exc))
-
-    threads = [threading.Thread(target=actor) for _ in range(3)]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)  # the first claims before the others ask
-    for t in threads:
-        t.join()
-    return asked, got
-
-
-def test_a_pools_actors_measure_auto_once_and_all_take_its_choice(local_ray):
-    from pipeline.ray_runtime.consensus import precision_choices
-
-    assert precision_choices("fp32", 4) is None and precision_choices("auto", 1) is None
-    choices = precision_choices("auto", 3)
-    asked, got = _agree(choices, "x4 cpu AVX512 EPYC")
-    assert sorted(asked) == ["auto", "bf16", "bf16"] and got == ["bf16"] * 3
-    asked, got = _agree(choices, "x4 cuda NVIDIA H100")  # another kind of device decides for itself
-    assert sorted(asked) == ["auto", "bf16", "bf16"]
-
-
-def test_when_the_measuring_actor_fails_the_others_measure_for_themselves(local_ray):
-    from pipeline.ray_runtime.consensus import precision_choices
-
-    asked, got = _agree(precision_choices("auto", 3), "x2 cpu AVX2", fails=True)
-    assert asked == ["auto"] * 3 and got == ["CUDA out of memory"] * 3
-
-
-def test_without_choices_an_actor_builds_in_the_precision_it_was_given():
-    """One actor, or a precision given: no agreement, and ``fp32`` stays fp32 (not ``auto``)."""
-    from pipeline.ray_runtime.consensus import agreed_build
-
-    asked = []
-    for precision in ("fp32", "auto"):
-        agreed_build(None, "x4 cpu", precision, lambda p: asked.append(p) or _Engine(p))
-    assert asked == ["fp32", "auto"]
-
-
-def test_a_device_kind_names_the_cpu_and_a_missing_gpu_does_not_raise():
-    """The engine, built next, raises the typed error for a GPU that CUDA cannot see."""
-    import torch
-
-    from pipeline.ray_runtime.consensus import device_kind
-
-    assert device_kind("cpu").startswith(f"cpu {torch.backends.cpu.get_cpu_capability()} ")
-    if not torch.cuda.is_available():
-        assert device_kind("cuda:0") == "cuda:0"
-
-
-def test_when_the_choices_are_lost_each_actor_measures_for_itself(local_ray):
-    """Their node gone mid-run: an actor restarted elsewhere must still start."""
-    from pipeline.ray_runtime.consensus import agreed_build, precision_choices
-
-    choices = precision_choices("auto", 2)
-    local_ray.kill(choices)
-    asked = []
-    engine = agreed_build(choices, "x2 cpu", "auto", lambda p: asked.append(p) or _Engine("bf16"))
-    assert asked == ["auto"] and engine.precision == "bf16"
-
-
-def test_a_restarted_measurer_measures_again_and_the_others_take_its_answer(local_ray):
-    """Ray restarts a dead actor under the same id: it must not wait for its own lost answer."""
-    from pipeline.ray_runtime.consensus import precision_choices
-
-    choices = precision_choices("auto", 2)
-    assert local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) is None  # a measures
-    assert local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) is None  # a, restarted
-    waiting = choices.claim.remote("x4 cpu", "actor-b", 30.0)
-    choices.decide.remote("x4 cpu", "bf16")
-    assert local_ray.get(waiting) == "bf16"
-    assert (
-        local_ray.get(choices.claim.remote("x4 cpu", "actor-a", 5.0)) == "bf16"
-    )  # decided: no more measuring
-
-
 def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
     """Ray gives an actor reserving a fraction of a CPU one OpenMP thread; the engine must use the
     threads its pool gave it (``ActorPool.threads``), whichever job the actor belongs to."""
@@ -176,7 +78,7 @@ def test_a_cpu_actors_engine_computes_on_its_share_of_the_cores(monkeypatch):
     try:
         for threads in (1, 3):
             spec = InferenceSpec(weights="w.pth", device="cpu", precision="fp32")
-            assert actor_upscaler(spec, 2, threads, None, Files()).precision == "fp32"
+            assert actor_upscaler(spec, 2, threads, Files()).precision == "fp32"
             assert torch.get_num_threads() == threads
         assert [kw["device"] for kw in built] == ["cpu", "cpu"]
     finally:

@@ -28,7 +28,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_in_the_png_tree(tmp_path):
     assert [f for f in files if not f.startswith("_")] == ["c0/bird.png"]
     assert [f.split("/")[0] for f in files if f.startswith("_")] == [sinks.STAGING_DIR]
     # a run finishing (or the next one starting) clears it, and the finished file stays
-    sinks.finish_dest(dest, sinks.DestinationRecord(2, "w", "0" * 64), FILES)
+    sinks.finish_dest(dest, sinks.DestinationRecord(2, "w", "0" * 64), FILES, None)
     assert FILES.list_files(dest) == ["c0/bird.png"]
     child = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(dest,))
     child.start()

@@ -17,6 +17,7 @@ weights load at the scale; the destination takes a write and is ours, made with 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import posixpath
 import time
 from collections import Counter
@@ -30,11 +31,13 @@ from pipeline.batch.planner import Plan, plan
 from pipeline.batch.recorder import Recorder
 from pipeline.batch.records import RunSummary, records_of
 from pipeline.batch.stages import build_dataset
-from pipeline.config.settings import UpscaleJob
+from pipeline.config.settings import AUTO, UpscaleJob
 from pipeline.errors import DestinationError, PipelineError
 from pipeline.io.storage import is_within, join, location_key
 from pipeline.ray_runtime.pool import data_context, dataset_batches, place_model_actors
 from pipeline.ray_runtime.session import connect
+
+logger = logging.getLogger(__name__)
 
 
 def _weights_identity(job: UpscaleJob) -> tuple[str, str]:
@@ -114,6 +117,10 @@ def run_upscale(
         destination = sinks.claim_dest(
             job.dest, checked.run, overwrite=job.overwrite, run_id=lease.run_id, files=job.files
         )
+        if job.precision == AUTO and destination.precision:
+            logger.info("%s keeps %s, the precision of its outputs (--precision chooses)", job.dest,
+                        destination.precision)  # fmt: skip
+            job = job.model_copy(update={"precision": destination.precision})
         work = plan(job, checked.exclude, since=destination.ledger_since)
         log = _start_log(job, destination, work, lease)
         recorder = Recorder(job, destination, log, work)
@@ -129,7 +136,8 @@ def run_upscale(
         lease.check()
         log.finish(summary.to_json())
         sinks.write_summary(job.dest, summary, job.files)
-        sinks.finish_dest(job.dest, destination, job.files)
+        made_in = max(summary.precision, key=summary.precision.get) if summary.precision else None
+        sinks.finish_dest(job.dest, destination, job.files, made_in)
     return summary
 
 

@@ -51,7 +51,9 @@ class Recorder:
             input_height=record.input_height, input_mode=record.input_mode,
             output_width=record.output_width, output_height=record.output_height, scale=self.job.scale,
             weights_id=self.destination.weights_id, weights_sha256=self.destination.weights_sha256,
-            png=record.data, seconds=record.seconds, psnr_vs_bicubic=record.psnr_vs_bicubic,
+            png=record.data, seconds=record.seconds,
+            psnr_vs_input=record.gate.psnr_vs_input if record.gate else None,
+            pattern_levels=record.gate.pattern_levels if record.gate else None,
             input_sha256=record.input_sha256, package_version=__version__, run_id=self.log.run_id,
         )  # fmt: skip
 
@@ -99,17 +101,15 @@ class Recorder:
         self.pixels.update(
             input=record.input_width * record.input_height, output=record.output_width * record.output_height
         )
-        score, floor = record.psnr_vs_bicubic, self.job.min_psnr_vs_bicubic
+        why = (
+            record.gate.suspect(self.job.min_psnr_vs_input, self.job.max_pattern_levels)
+            if record.gate
+            else None
+        )
         error = None
-        if (
-            score is not None and floor is not None and score < floor
-        ):  # written all the same: a person decides
+        if why:  # written all the same: a person decides
             self.suspect += 1
-            message = (
-                f"PSNR {score:.1f} dB against bicubic, under --min-psnr-vs-bicubic {floor:g}: PAN's "
-                "output is likely garbage (noise, patterns)"
-            )
-            error = self._error(record, SUSPECT, message)
+            error = self._error(record, SUSPECT, f"PAN's output is likely garbage (noise, patterns): {why}")
         written = done | (now - {"parquet"})  # a Parquet row counts once its part is written (RunLog.add)
         entry = self._entry(record, "succeeded", self._attempt(record.key), written, error)
         self.log.add(entry, self._output(record) if "parquet" in now else None, error)

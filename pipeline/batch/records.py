@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.imaging import DecodedImage
+from pipeline.imaging.gate import GateScore
 
 RECORD = "record"  # the one column of the job's Ray Data batches
 
@@ -67,7 +68,7 @@ class ImageRecord:
     output: DecodedImage | None = None
     seconds: float = 0.0  # of this input's own work in every stage
     precision: str | None = None  # PAN's
-    psnr_vs_bicubic: float | None = None  # the quality gate's measure, where measured
+    gate: GateScore | None = None  # the quality gate's measures, where measured
     input_width: int = 0
     input_height: int = 0
     input_mode: str = ""
@@ -149,7 +150,8 @@ class OutputRow:
     weights_sha256: str = _arrow(pa.string())
     png: bytes = _arrow(pa.binary())
     seconds: float = _arrow(pa.float64())
-    psnr_vs_bicubic: float | None = _arrow(pa.float64())  # the quality gate's measure
+    psnr_vs_input: float | None = _arrow(pa.float64())  # the quality gate's measures (imaging.gate)
+    pattern_levels: float | None = _arrow(pa.float64())
     input_sha256: str | None = _arrow(pa.string())
     package_version: str = _arrow(pa.string())
     run_id: str = _arrow(pa.string())

@@ -124,6 +124,9 @@ class DestinationRecord:
     replacing: dict[str, Any] | None = None
     # The first run whose ledger counts (pipeline.batch.ledger): an --overwrite run starts afresh.
     ledger_since: str | None = None
+    # The precision of the first outputs: later runs with precision auto keep it, so that one
+    # destination holds one precision's outputs unless a run is told another (``finish_dest``).
+    precision: str | None = None
 
     def differs(self, other: DestinationRecord) -> bool:
         return (self.scale, self.weights_sha256) != (other.scale, other.weights_sha256)
@@ -196,7 +199,8 @@ def claim_dest(
     ``overwrite`` run ``run_id`` becomes the record's ``ledger_since``."""
     record = read_record(dest, files)
     since = run_id if overwrite else record.ledger_since if record else None
-    run = dataclasses.replace(run, ledger_since=since)
+    precision = None if overwrite or record is None else record.precision
+    run = dataclasses.replace(run, ledger_since=since, precision=precision)
     if record is None:
         entries = _some_visible_files(dest, files)
         fs, summary = files.filesystem(join(dest, SUMMARY_NAME))
@@ -235,12 +239,14 @@ def claim_dest(
     return run
 
 
-def finish_dest(dest: str, record: DestinationRecord, files: Files) -> None:
+def finish_dest(dest: str, record: DestinationRecord, files: Files, precision: str | None) -> None:
     """After a run that went through every input: an --overwrite that was replacing other
-    settings' outputs is complete, and the temporaries of writers killed mid-run are cleared."""
+    settings' outputs is complete, a destination without a precision takes ``precision`` (what
+    this run's outputs were made in), and the temporaries of writers killed mid-run are cleared."""
     _clear_staging(dest, files)
-    if record.replacing:
-        write_record(dest, dataclasses.replace(record, replacing=None), files)
+    final = dataclasses.replace(record, replacing=None, precision=record.precision or precision)
+    if final != record:
+        write_record(dest, final, files)
 
 
 def prepare_dest(

@@ -16,6 +16,7 @@ from pipeline.batch.sources import InputUnit, read_unit
 from pipeline.config.settings import UpscaleJob
 from pipeline.errors import InvalidImageError
 from pipeline.imaging import decode_image, encode_image, imresize
+from pipeline.imaging.gate import gate_score
 from pipeline.io.storage import Files, join
 from pipeline.ray_runtime.pool import (
     ActorPool,
@@ -69,11 +70,10 @@ def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
 class UpscaleActor:
     """Holds one PAN (loaded once) on its device; upscales a batch's pixels in one engine call
     (``Upscaler.upscale_many``), so windows of equal shape share forward passes. The alpha
-    channels are enlarged in the encode stage, on CPU tasks. With ``precision=auto``, the pool's
-    actors agree on one precision per kind of device (``choices``: ``ray_runtime.consensus``)."""
+    channels are enlarged in the encode stage, on CPU tasks."""
 
-    def __init__(self, job: UpscaleJob, threads: int, choices: Any | None = None) -> None:
-        self.upscaler = actor_upscaler(job, job.scale, threads, choices, job.files)
+    def __init__(self, job: UpscaleJob, threads: int) -> None:
+        self.upscaler = actor_upscaler(job, job.scale, threads, job.files)
         # A GPU actor takes two calls at once (``actor_pool``): Ray prepares one while the model
         # runs the other. The engine computes one call at a time anyway; holding the turn here
         # too keeps a call's waiting out of its records' seconds.
@@ -106,33 +106,9 @@ class UpscaleActor:
         return batch_of(records)
 
 
-def psnr_vs_bicubic(source: np.ndarray, output: np.ndarray) -> float:
-    """The quality gate's measure (not a paper metric, see ``pipeline.core.metrics`` for those): PSNR of
-    an output against Pillow's bicubic upscale of its input to the same size, over all channels,
-    with the peak of the pixels' dtype. Plausible outputs stay near bicubic; outputs PAN blew up and
-    clamping hid are far from it: with the official weights, photos score 22 dB or more and noise
-    or patterns PAN breaks on 4-11 dB (benchmarks/quality_gate.py, benchmarks/README.md)."""
-    from PIL import Image
-
-    height, width = output.shape[:2]
-    peak = float(np.iinfo(output.dtype).max)
-    sources = source[..., None] if source.ndim == 2 else source
-    outputs = output[..., None] if output.ndim == 2 else output
-    squares = 0.0
-    for c in range(sources.shape[2]):  # in place, one plane at a time: 1.8x faster than whole arrays
-        plane = Image.fromarray(sources[..., c].astype(np.float32), "F").resize(
-            (width, height), Image.BICUBIC
-        )
-        error = np.clip(np.asarray(plane), 0, peak)
-        error -= outputs[..., c]
-        squares += float(np.dot(error.ravel(), error.ravel()))
-    mse = squares / output.size
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
-
-
-def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bool) -> dict:
-    """Upscaled pixels -> PNG bytes, with the alpha channel enlarged (bicubic) and the quality
-    gate's measure; the images are dropped."""
+def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int | str, gate: bool) -> dict:
+    """Upscaled pixels -> PNG bytes, with the alpha channel enlarged (bicubic) and, with ``gate``,
+    the quality gate's measures (``pipeline.imaging.gate``); the images are dropped."""
     records = records_of(batch)
     for record in records:
         output, source = record.output, record.image
@@ -140,7 +116,7 @@ def encode_stage(batch: dict[str, np.ndarray], png_compress_level: int, gate: bo
             continue
         start = time.perf_counter()
         if gate:
-            record.psnr_vs_bicubic = psnr_vs_bicubic(source.pixels, output.pixels)
+            record.gate = gate_score(source.pixels, output.pixels)
         if source.alpha is not None:
             output = dataclasses.replace(output, alpha=imresize(source.alpha, output.height / source.height))
         record.data = encode_image(output, "png", png_compress_level=png_compress_level)
@@ -190,13 +166,22 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: ActorPool):
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"wanted": job.sinks, "image_column": job.image_column, "files": job.files}
     write_args = {"dest": job.dest, "overwrite": job.overwrite, "files": job.files}
-    encode_args = {"png_compress_level": job.png_compress_level, "gate": job.min_psnr_vs_bicubic is not None}
+    gate = job.min_psnr_vs_input is not None or job.max_pattern_levels is not None
+    encode_args = {"png_compress_level": job.png_compress_level, "gate": gate}
     decoded = (
         ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size))
         .map_batches(read_stage, batch_size=None, fn_kwargs=read_args)  # a read task: one block
         .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
     )
     batch = job.images_per_batch
-    upscaled = model_stage(decoded, UpscaleActor, pool, job.precision, batch_size=batch, job=job)
-    encoded = upscaled.map_batches(encode_stage, fn_kwargs=encode_args, **per_image)
-    return encoded.map_batches(write_stage, fn_kwargs=write_args, **per_image)
+    upscaled = model_stage(decoded, UpscaleActor, pool, batch_size=batch, job=job)
+    return upscaled.map_batches(output_stage, fn_kwargs={**encode_args, **write_args}, **per_image)
+
+
+def output_stage(
+    batch: dict[str, np.ndarray], png_compress_level: int | str, gate: bool, **write: Any
+) -> dict:
+    """``encode_stage`` then ``write_stage``, in one call: Ray Data shapes a block between every two
+    stages, fused ones too, which costs more than the write itself (benchmarks/README.md,
+    "stage_cost.py")."""
+    return write_stage(encode_stage(batch, png_compress_level, gate), **write)

@@ -51,18 +51,21 @@ def _read_image(location: str, files):
 
 def _output_format(location: str) -> str:
     suffix = Path(location).suffix.lower().lstrip(".")
-    formats = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+    formats = {"png": "png", "jxl": "jxl", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
     if suffix not in formats:
-        raise PipelineError(f"cannot tell the output format of {location}: end it in .png, .jpg or .webp")
+        raise PipelineError(
+            f"cannot tell the output format of {location}: end it in .png, .jxl, .jpg or .webp"
+        )
     return formats[suffix]
 
 
 def _save_picture(picture, location: str, files) -> None:
-    import io
+    import numpy as np
 
-    buffer = io.BytesIO()
-    picture.save(buffer, format=_output_format(location).upper())
-    files.write_bytes(location, buffer.getvalue())
+    from pipeline.imaging import DecodedImage, encode_image
+
+    image = DecodedImage(np.asarray(picture.convert("RGB")), None, "RGB", None)
+    files.write_bytes(location, encode_image(image, _output_format(location)))
 
 
 def cmd_upscale_image(args: argparse.Namespace) -> int:
@@ -163,8 +166,8 @@ def _run_upscale(job) -> int:
     _print_ignored(summary.ignored, summary.ignored_examples)
     if summary.suspect:
         print(
-            f"{summary.suspect} outputs far from a bicubic upscale, flagged suspect "
-            "(see --min-psnr-vs-bicubic)",
+            f"{summary.suspect} outputs inconsistent with their inputs, flagged suspect in "
+            f"{job.dest}/_errors (see --min-psnr-vs-input, --max-pattern-levels)",
             file=sys.stderr,
         )
     if summary.given_up:

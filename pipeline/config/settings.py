@@ -43,7 +43,8 @@ from pipeline.core.engine import AUTO, PRECISIONS
 from pipeline.core.model import SCALES
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, check_tile
 from pipeline.errors import SettingsError
-from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_COMPRESS_LEVEL
+from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_FAST
+from pipeline.imaging.gate import MAX_PATTERN_LEVELS, MIN_PSNR_VS_INPUT
 from pipeline.io.hub import resolve_source
 from pipeline.io.storage import Files, join, resolve_location
 from pipeline.io.weights import DEFAULT_WEIGHTS
@@ -82,9 +83,9 @@ Device = Annotated[
 Precision = Annotated[
     Literal[(*PRECISIONS, AUTO)],
     Field(
-        description="fp32; bf16 (CPU and recent GPUs); fp16 (GPU only); auto: the fastest, measured when "
-        "the model loads, of those that score within 0.02 dB of fp32 on this kind of device (fp32 unless "
-        "another is 1.25x as fast), once per kind of device in a pool of actors"
+        description="fp32; bf16 (CPU and recent GPUs); fp16 (GPU only); auto: by what the device is, of "
+        "those within 0.02 dB of fp32: bf16 on CPUs with native bf16 (AVX512_BF16, AMX) and GPUs of compute "
+        "capability 8.0+, fp16 on 7.x, else fp32; an upscaling destination keeps its first outputs' precision"
     ),
 ]
 
@@ -107,13 +108,23 @@ Tile = Annotated[
         f"tiles), 0 (always the whole image) or at least {MIN_TILE}"
     ),
 ]
+
+
+def _png_level(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value != PNG_FAST and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9):
+        raise ValueError(f"PNG level {value!r} is neither {PNG_FAST} nor a zlib level 0-9")
+    return value
+
+
 PngLevel = Annotated[
-    int,
+    int | Literal[PNG_FAST],
+    BeforeValidator(_png_level),
     Field(
-        ge=0,
-        le=9,
-        description="zlib level of the PNGs: 1 is the fastest and makes files as small as 2-6 do; "
-        "7-9 make them 1-2.5% smaller for 10-40x the CPU",
+        description=f"{PNG_FAST}: 8-bit RGB(A) through fpng, 7.5-9.5x the speed of zlib level 1 for files "
+        "1.2-1.3x its size (16-bit and gray: level 1); 0-9: every PNG through libpng at this zlib level (1: "
+        "the fastest, as small as 2-6; 7-9: 1-2.5% smaller for 10-40x the CPU)",
     ),
 ]
 GpuWait = Annotated[
@@ -256,12 +267,17 @@ class UpscaleJob(JobSpec, InferenceSpec):
     actor_cpus: ActorCpus = 0.5
     images_per_batch: int = Field(4, ge=1, description="images per model call of an actor")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="refuse inputs with more pixels")
-    min_psnr_vs_bicubic: float | None = Field(
-        15.0,
-        description="flag outputs further than this from a bicubic upscale (PSNR, dB) as suspect: "
-        "photos measure 22-40, noise PAN breaks on 4-11; null turns the check off",
+    min_psnr_vs_input: float | None = Field(
+        MIN_PSNR_VS_INPUT,
+        description="flag outputs that average back to their input (box filter) at a lower PSNR (dB) as "
+        "suspect: photos measure 36 or more, noise PAN breaks on 19 or less; null: no such check",
     )
-    png_compress_level: PngLevel = PNG_COMPRESS_LEVEL
+    max_pattern_levels: float | None = Field(
+        MAX_PATTERN_LEVELS,
+        description="flag outputs whose finest 2x2 pattern is stronger (RMS, 8-bit levels) as suspect: "
+        "photos measure 4 or less, PAN's breakages 17 or more; null: no such check",
+    )
+    png_compress_level: PngLevel = PNG_FAST
     max_attempts: int = Field(
         3,
         ge=1,

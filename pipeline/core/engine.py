@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.core.model import PAN
-from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TilePlan, blend_weights, check_tile, plan_axis
+from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TileAssembler, TilePlan, check_tile, plan_axis
 from pipeline.errors import DeviceError, first_line
 
 AUTO = "auto"  # a setting decided at run time: the device, the tile size, the precision, the batch
@@ -75,68 +74,47 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-# Precisions that score within 0.02 dB PSNR_Y of fp32 on Set5 and Set14 (the "equal quality" of
-# precision=auto), by device type. CPU bf16, with the skip in fp32 (``_compute``): -0.0045 dB at
-# worst (Set5 x2), about 2x the speed of fp32 (benchmarks/README.md, "bf16 on the CPU"). CUDA fp16
+# Precisions that score within 0.02 dB PSNR_Y of fp32 on Set5 and Set14 (the "equal quality" that
+# ``precision=auto`` may trade for speed), by device type. CPU bf16, with the skip in fp32
+# (``_compute``): -0.0045 dB at worst (Set5 x2; benchmarks/README.md, "bf16 on the CPU"). CUDA fp16
 # and bf16 are held to it by tests/test_gpu.py.
 EQUAL_QUALITY = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
-# A reduced precision must beat fp32 by this much to be picked: where they time alike (a CPU that
-# emulates bf16, a busy machine) the choice would otherwise flip from actor to actor and run to run,
-# while fp32 is the exact one. Where bf16 pays, it pays about 2x (benchmarks/README.md).
-AUTO_MIN_SPEEDUP = 1.25
+# CPU features (Linux /proc/cpuinfo flags) that run bf16 natively. With them, oneDNN's bf16
+# convolutions ran PAN 1.9-2.3x as fast as fp32 (AMD EPYC with avx512_bf16, benchmarks/README.md,
+# "precision auto"); without them it emulates bf16 (AVX-512) or runs reference code (AVX2: 9-12x
+# slower than fp32, measured), so fp32 is the fast one there.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# GPUs: from compute capability 8.0 the tensor cores run bf16 as fast as fp16, and bf16 does not
+# overflow where fp16 can (an overflowing window is recomputed in fp32); 7.x has fp16 tensor cores
+# only; older GPUs have neither.
+CUDA_BF16_CAPABILITY, CUDA_FP16_CAPABILITY = (8, 0), (7, 0)
 
 
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or newer, as torch's own compiler
-    asks). Without them bf16 runs on reference code, about 10x slower than fp32, and timing it
-    would cost ``auto`` seconds per engine for a precision that cannot win (benchmarks/README.md,
-    "A CPU without bf16"). True when this torch cannot say: timing then decides."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return True if check is None else bool(check())
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("flags")), "")
+    except OSError:  # not Linux: no flags to go by
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def auto_candidates(device: torch.device) -> list[str]:
-    """The device's ``EQUAL_QUALITY`` precisions that it can run at speed (fp32 first)."""
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """``precision=auto``'s choice for ``device``, and why: decided from what the device is (the
+    tables above), never from a timing, which a busy machine skews and which would then split one
+    run, or one destination, between precisions. Costs a file read (CPU) or a device query."""
     if device.type == "cuda":
-        return [p for p in EQUAL_QUALITY["cuda"] if p != "bf16" or torch.cuda.is_bf16_supported()]
-    return [p for p in EQUAL_QUALITY[device.type] if p != "bf16" or cpu_has_bf16_kernels()]
-
-
-def fastest_precision(
-    models: dict[str, PAN], device: torch.device, side: int | None = None, rounds: int = 3
-) -> str:
-    """Of ``models`` (precision -> PAN prepared in it on ``device``, fp32 among them), the
-    precision whose residual (the part that runs in it) is fastest, timed on a ``side`` x ``side``
-    window (best of ``rounds`` after a warm-up); fp32 when it is the only one, and unless a reduced
-    precision is at least ``AUTO_MIN_SPEEDUP`` times as fast. A precision slower than fp32's best
-    in a round is not timed again: it cannot win. ``side`` defaults to 96 on the CPU and 512 on a
-    GPU, where a small window would time the ops' dispatch, the same in every precision."""
-    if len(models) == 1:
-        return next(iter(models))
-    side = side or (512 if device.type == "cuda" else 96)
-    x = torch.linspace(0, 1, 3 * side * side).reshape(1, 3, side, side).to(device)
-    times = {}
-    for precision, trial in models.items():
-        with torch.inference_mode():
-            xp = x.to(DTYPES[precision]).contiguous(memory_format=torch.channels_last)
-            trial.residual(xp)
-            best = math.inf
-            for _ in range(rounds):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                trial.residual(xp)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                best = min(best, time.perf_counter() - start)
-                if best > times.get("fp32", math.inf):
-                    break
-        times[precision] = best
-    fastest = min(times, key=times.get)
-    chosen = fastest if times["fp32"] >= AUTO_MIN_SPEEDUP * times[fastest] else "fp32"
-    timed = {p: f"{t * 1e3:.1f} ms" for p, t in times.items()}
-    log.debug("precision auto on %s: %s, %s chosen", device, timed, chosen)
-    return chosen
+        capability = torch.cuda.get_device_capability(device)
+        name = f"{torch.cuda.get_device_name(device)}, compute capability {capability[0]}.{capability[1]},"
+        if capability >= CUDA_BF16_CAPABILITY and torch.cuda.is_bf16_supported():
+            return "bf16", f"{name} has bf16 tensor cores"
+        if capability >= CUDA_FP16_CAPABILITY:
+            return "fp16", f"{name} has fp16 tensor cores"
+        return "fp32", f"{name} has no tensor cores"
+    native = sorted(_cpu_flags().intersection(CPU_BF16_FLAGS))
+    if native:
+        return "bf16", f"this CPU runs bf16 natively: {', '.join(native)}"
+    return "fp32", f"this CPU has no native bf16: no {' or '.join(CPU_BF16_FLAGS)}"
 
 
 def bytes_per_lr_pixel(model: PAN, dtype: torch.dtype = torch.float32) -> int:
@@ -223,12 +201,9 @@ class Upscaler:
         self.device = resolve_device(device)
         keep_freed_memory()
         self._fp32 = self._prepare(model, torch.float32)
-        prepared = {"fp32": self._fp32}  # precision -> model prepared in it; the one chosen is kept
         if precision == AUTO:
-            for p in auto_candidates(self.device):
-                if p not in prepared:
-                    prepared[p] = self._prepare(model, DTYPES[p])
-            precision = fastest_precision(prepared, self.device)
+            precision, why = auto_precision(self.device)
+            log.info("precision auto: %s (%s)", precision, why)
         if precision == "fp16" and self.device.type != "cuda":
             raise DeviceError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -241,9 +216,7 @@ class Upscaler:
         self.memory_budget = memory_budget or default_memory_budget(self.device, memory_share)
         self._bytes_per_px = bytes_per_lr_pixel(model, DTYPES[precision])
         self.weights_info = getattr(model, "weights_info", None)
-        if precision not in prepared:
-            prepared[precision] = self._prepare(model, DTYPES[precision])
-        self._model = prepared[precision]
+        self._model = self._fp32 if precision == "fp32" else self._prepare(model, DTYPES[precision])
         self._compiled = torch.compile(self._model.residual, dynamic=False) if compile else None
         self._compiled_shapes: set[tuple[int, ...]] = set()
         graphs = self.device.type == "cuda" and cuda_graphs and not compile  # compiled code is not captured
@@ -267,14 +240,22 @@ class Upscaler:
     # -- planning -------------------------------------------------------------------------------
 
     def tile_size(self, height: int, width: int) -> int:
-        """The tile size used for an image of this size; 0 means the whole image (as ``tile``)."""
+        """The tile size used for an image of this size; 0 means the whole image (as ``tile``).
+
+        ``auto``: the whole image when it fits ``memory_budget``; else, of the tiles whose window
+        fits it (in steps of 8 px, the windows' sides staying multiples of 8), the one that
+        computes the fewest window pixels for this image, the largest of equals. Windows are all
+        of one length, so a tile that divides the image badly leaves last windows that mostly
+        recompute their neighbours' pixels: a 4000 x 3000 input at x4 in bf16 on the CPU's budget
+        computes 1.40 times its pixels in tiles of 584 (the largest that fit), 1.22 in tiles of 504."""
         if self.tile == 0:
             return 0
         if self.tile == AUTO:
             if height * width * self._bytes_per_px <= self.memory_budget:
                 return 0
             side = int(math.sqrt(self.memory_budget / self._bytes_per_px)) // 8 * 8
-            return max(side - 2 * self.context, MIN_TILE)
+            tiles = range(max(side - 2 * self.context, MIN_TILE), MIN_TILE - 1, -8)
+            return min(tiles, key=lambda tile: _computed(height, width, tile, self.context))
         return int(self.tile)
 
     def _batch_for(self, tile_h: int, tile_w: int) -> int:
@@ -373,32 +354,57 @@ class Upscaler:
     def upscale_many_float(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``upscale_float`` of each image; windows of equal shape share forward passes, whichever
         image they come from."""
-        with self._lock:
-            return self._upscale_many_float(images)
-
-    def _upscale_many_float(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         s = self.scale
-        plans = [self.plan(*image.shape[1:]) for image in images]
-        groups: dict[tuple[int, int], list[tuple[int, Any, Any]]] = {}
-        for index, (py, px) in enumerate(plans):
-            for wy in py.windows:
-                for wx in px.windows:
-                    groups.setdefault((py.length, px.length), []).append((index, wy, wx))
-        outputs: list[np.ndarray | None] = [None] * len(images)
+        outputs = [_FloatOutput((3, image.shape[1] * s, image.shape[2] * s)) for image in images]
+        with self._lock:
+            self._upscale_many(images, outputs)
+        return [output.array for output in outputs]
 
-        def place(chunk: list[tuple[int, Any, Any]], results: np.ndarray) -> None:
-            for (n, wy, wx), result in zip(chunk, results, strict=True):
-                py, px = plans[n]
-                if len(py.windows) == 1 and len(px.windows) == 1:  # the whole image
-                    outputs[n] = result
-                    continue
-                if outputs[n] is None:
-                    outputs[n] = np.zeros((3, py.size * s, px.size * s), dtype=np.float32)
-                weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
-                height, width = result.shape[1:]
-                outputs[n][:, wy.start * s : wy.start * s + height, wx.start * s : wx.start * s + width] += (
-                    result * weight
-                )
+    def upscale(self, image: np.ndarray) -> np.ndarray:
+        """Upscale an HxWx3 / HxW / HxWx1 uint8 or uint16 array; same layout and dtype back."""
+        return self.upscale_many([image])[0]
+
+    def upscale_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``upscale`` of each image, their windows batched together as in ``upscale_many_float``.
+
+        Memory: the pixels out, the memory budget's activations, and little more. No whole image
+        is held in float: windows are read from the pixels as they are batched, and a tiled
+        image's output is converted to pixels as its rows become final (``TileAssembler``), so a
+        12 MP input at x4 needs its 576 MB of 8-bit output, not 2.3 GB per float copy of it."""
+        for image in images:
+            _check_pixels(image)
+        outputs = [_PixelOutput(image, self.scale) for image in images]
+        with self._lock:
+            self._upscale_many(images, outputs)
+        return [output.array for output in outputs]
+
+    def _upscale_many(
+        self, images: Sequence[np.ndarray], outputs: Sequence[_FloatOutput | _PixelOutput]
+    ) -> None:
+        """Each image through the model into its output: ``images`` as ``upscale_float`` takes them
+        (3 x H x W float) or as ``upscale`` does (integer pixels; ``_read_window`` reads either).
+
+        Windows are grouped by shape, each image's in raster order (tile rows top to bottom, each
+        left to right), which is the order ``TileAssembler`` needs; groups run one after another,
+        so one tiled image at a time is being assembled."""
+        s = self.scale
+        plans = [self.plan(*_image_size(image)) for image in images]
+        assemblers = [
+            None if len(py.windows) == len(px.windows) == 1 else TileAssembler(py, px, s, output.write)
+            for (py, px), output in zip(plans, outputs, strict=True)
+        ]
+        groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for index, (py, px) in enumerate(plans):
+            for row in range(len(py.windows)):
+                for column in range(len(px.windows)):
+                    groups.setdefault((py.length, px.length), []).append((index, row, column))
+
+        def place(chunk: list[tuple[int, int, int]], results: np.ndarray) -> None:
+            for (n, row, column), result in zip(chunk, results, strict=True):
+                if assemblers[n] is None:  # the whole image
+                    outputs[n].whole(result)
+                else:
+                    assemblers[n].add(row, column, result)
 
         # One batch in flight while the CPU gathers the next and places the last (on a GPU; on the
         # CPU each launch computes before it returns, in the same order).
@@ -409,29 +415,16 @@ class Upscaler:
                 chunk = windows[i : i + batch]
                 inputs = self._host_buffer((len(chunk), 3, length_y, length_x))
                 staged = inputs.numpy()
-                for k, (n, wy, wx) in enumerate(chunk):
-                    staged[k] = images[n][:, wy.start : wy.start + length_y, wx.start : wx.start + length_x]
+                for k, (n, row, column) in enumerate(chunk):
+                    py, px = plans[n]
+                    top, left = py.windows[row].start, px.windows[column].start
+                    staged[k] = _read_window(images[n], top, left, length_y, length_x)
                 launched = (chunk, self._launch(inputs))
                 if in_flight is not None:
                     place(in_flight[0], self._collect(in_flight[1]))
                 in_flight = launched
         if in_flight is not None:
             place(in_flight[0], self._collect(in_flight[1]))
-        return outputs
-
-    def upscale(self, image: np.ndarray) -> np.ndarray:
-        """Upscale an HxWx3 / HxW / HxWx1 uint8 or uint16 array; same layout and dtype back."""
-        return self.upscale_many([image])[0]
-
-    def upscale_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``upscale`` of each image, their windows batched together (``upscale_many_float``)."""
-        for image in images:
-            _check_pixels(image)
-        planes = [_to_chw(image) for image in images]
-        return [
-            _from_chw(result, image)
-            for result, image in zip(self.upscale_many_float(planes), images, strict=True)
-        ]
 
 
 class _CudaGraphs:
@@ -511,6 +504,24 @@ def _check_pixels(image: Any) -> None:
         raise ValueError(f"empty image of shape {image.shape}")
 
 
+def _computed(height: int, width: int, tile: int, context: int) -> int:
+    """Input pixels the windows of ``tile`` and ``context`` read for an image of this size."""
+    plan_y, plan_x = plan_axis(height, tile, context), plan_axis(width, tile, context)
+    return len(plan_y.windows) * plan_y.length * len(plan_x.windows) * plan_x.length
+
+
+def _image_size(image: np.ndarray) -> tuple[int, int]:
+    """Height and width of 3 x H x W float planes or of integer pixels (H x W first)."""
+    return image.shape[:2] if np.issubdtype(image.dtype, np.integer) else image.shape[1:]
+
+
+def _read_window(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """A window of 3 x H x W float planes, or of integer pixels as ``_to_chw`` converts them."""
+    if np.issubdtype(image.dtype, np.integer):
+        return _to_chw(image[top : top + height, left : left + width])
+    return image[:, top : top + height, left : left + width]
+
+
 def _to_chw(image: np.ndarray) -> np.ndarray:
     """HxWx3 / HxW / HxWx1 integer pixels -> 3 x H x W float32 in [0, 1] (gray as equal channels)."""
     plane = image.reshape(image.shape[:2]) if image.ndim == 2 or image.shape[2] == 1 else image
@@ -523,8 +534,53 @@ def _from_chw(result: np.ndarray, like: np.ndarray) -> np.ndarray:
     """3 x sH x sW float in [0, 1] -> pixels in the layout and dtype of ``like`` (gray: channel mean)."""
     gray = like.ndim == 2 or like.shape[2] == 1
     result = result.mean(axis=0) if gray else result.transpose(1, 2, 0)
-    pixels = np.rint(result * float(np.iinfo(like.dtype).max)).astype(like.dtype)
+    scaled = result * float(np.iinfo(like.dtype).max)
+    pixels = np.rint(scaled, out=scaled).astype(like.dtype)
     return pixels[..., None] if like.ndim == 3 and like.shape[2] == 1 else pixels
+
+
+class _FloatOutput:
+    """Where ``upscale_many_float`` puts an image's output (``array``, 3 x sH x sW float32): the
+    model's output itself when the image ran whole, else assembled from ``TileAssembler``'s blocks."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.array: np.ndarray | None = None
+
+    def whole(self, result: np.ndarray) -> None:
+        self.array = result
+
+    def write(self, top: int, left: int, block: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty(self.shape, dtype=np.float32)
+        self.array[:, top : top + block.shape[1], left : left + block.shape[2]] = block
+
+
+# Output pixels converted from float at a time: ``_from_chw``'s temporaries (a few arrays of 4 to
+# 12 bytes per pixel) stay near 10 MB each, whatever the size of a block or a whole image's output;
+# numpy's cost per call (microseconds) is nothing beside a million pixels' conversion.
+CONVERT_PIXELS = 1 << 20
+
+
+class _PixelOutput:
+    """Where ``upscale_many`` puts an image's output (``array``): pixels in the layout and dtype of
+    the input ``like``, ``scale`` times its height and width, converted (``_from_chw``) as blocks of
+    float output arrive, ``CONVERT_PIXELS`` at a time. Each pixel comes once (``TileAssembler``)."""
+
+    def __init__(self, like: np.ndarray, scale: int) -> None:
+        self.like = like
+        shape = (like.shape[0] * scale, like.shape[1] * scale, *like.shape[2:])
+        self.array = np.empty(shape, dtype=like.dtype)
+
+    def whole(self, result: np.ndarray) -> None:
+        self.write(0, 0, result)
+
+    def write(self, top: int, left: int, block: np.ndarray) -> None:
+        height, width = block.shape[1:]
+        step = max(1, CONVERT_PIXELS // width)
+        for y in range(0, height, step):
+            rows = block[:, y : y + step]
+            self.array[top + y : top + y + rows.shape[1], left : left + width] = _from_chw(rows, self.like)
 
 
 def _describe(value: object) -> str:

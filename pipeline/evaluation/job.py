@@ -61,12 +61,11 @@ def comparison_png(pair: BenchmarkPair, score: ImageScore, sr: np.ndarray, bicub
 
 
 class EvalActor:
-    """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use, in the
-    precision the pool's actors agree on (``choices``: ``ray_runtime.consensus``), with
+    """Scores benchmark images; keeps one Upscaler per scale, each loaded on first use, with
     ``threads`` torch threads on the CPU."""
 
-    def __init__(self, job: EvalJob, threads: int, choices: Any | None = None) -> None:
-        self.job, self.threads, self.choices, self.files = job, threads, choices, job.files
+    def __init__(self, job: EvalJob, threads: int) -> None:
+        self.job, self.threads, self.files = job, threads, job.files
         self.upscalers: dict[int, Any] = {}
         # A GPU actor takes two batches at once (``actor_pool``): without the lock, both could
         # build the same scale's engine, loading its weights and taking its memory twice.
@@ -76,7 +75,7 @@ class EvalActor:
         with self._building:
             if scale not in self.upscalers:
                 spec = self.job.inference().model_copy(update={"weights": self.job.weights_for(scale)})
-                self.upscalers[scale] = actor_upscaler(spec, scale, self.threads, self.choices, self.files)
+                self.upscalers[scale] = actor_upscaler(spec, scale, self.threads, self.files)
             return self.upscalers[scale]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -168,7 +167,7 @@ def run_eval(job: EvalJob, on_progress: Callable[[int, int], None] | None = None
     total = sum(len(t.names) for t in tasks)
     # No decode/encode tasks compete for the CPUs here (unlike the upscale job): one actor per CPU.
     pool = place_model_actors(job.device, job.actors, job.actor_cpus, total, job.gpu_wait_seconds)
-    scored = model_stage(ds, EvalActor, pool, job.precision, batch_size=job.images_per_batch, job=job)
+    scored = model_stage(ds, EvalActor, pool, batch_size=job.images_per_batch, job=job)
     scores: dict[tuple[int, int], dict[str, float]] = {}
     with dataset_batches(scored) as batches:
         for batch in batches:

@@ -29,10 +29,10 @@ value is in 0..65535, else unsupported; ``F`` -> unsupported. A tRNS colour key 
 reads them as 8-bit (keeping only the high byte), which would throw away the precision the file was
 made for. Other 16-bit colour files (e.g. TIFF) come out as 8-bit, as Pillow gives them.
 
-``encode_image`` writes PNG (8- or 16-bit, alpha kept, with imagecodecs' libpng: see
-``_png_settings``), JPEG (8-bit, alpha dropped, 4:4:4 chroma) or WebP (8-bit, alpha kept, gray
-stored as RGB because WebP has no gray mode). 16-bit pixels are scaled to 8-bit with rounding
-where the format needs it. Metadata (EXIF, ICC) is not written.
+``encode_image`` writes PNG (8- or 16-bit, alpha kept: see ``encode_png``), JPEG XL lossless
+(8- or 16-bit, alpha kept: ``JXL_EFFORT``), JPEG (8-bit, alpha dropped, 4:4:4 chroma) or WebP
+(8-bit, alpha kept, gray stored as RGB because WebP has no gray mode). 16-bit pixels are scaled to
+8-bit with rounding where the format needs it. Metadata (EXIF, ICC) is not written.
 """
 
 from __future__ import annotations
@@ -62,8 +62,15 @@ from pipeline.errors import (
 )
 
 DEFAULT_MAX_PIXELS: int = 40_000_000
-# zlib level of the PNGs we write; 1, the fastest, makes files as small as 6 does (``_png_settings``).
-PNG_COMPRESS_LEVEL = 1
+# How PNGs are written by default: ``encode_png``'s fastest standard writer (fpng where it applies).
+PNG_FAST = "fast"
+# libpng's zlib level for what fpng does not write (gray, gray + alpha, 16-bit): 1, the fastest,
+# makes files as small as 6 does (``_png_settings``).
+PNG_LIBPNG_LEVEL = 1
+# JPEG XL lossless at effort 1 (libjxl's fastest): 5.7-8.7x the speed of libpng at level 1 for files
+# 0.69-0.86x its size on PAN's outputs, 8- and 16-bit; effort 2 costs 10x the time for 5-10 % less
+# (benchmarks/png_writers.py). One thread: the job runs one encode task per core.
+JXL_EFFORT = 1
 # File extensions taken as images when walking folders (decode_image itself goes by content).
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
@@ -342,25 +349,29 @@ def _is_truncated(data: bytes, kind: str, exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # encode
 
-_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+_FORMATS = {"png": "PNG", "jxl": "JXL", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+FORMAT_SUFFIXES = {"png": ".png", "jxl": ".jxl"}  # the lossless formats outputs are written in
 
 
 def encode_image(
     image: DecodedImage,
     format: str = "png",
     *,
-    png_compress_level: int = PNG_COMPRESS_LEVEL,
+    png_compress_level: int | str = PNG_FAST,
     quality: int = 95,
 ) -> bytes:
-    """Encode to ``png`` (8/16-bit, alpha kept), ``jpeg``/``jpg`` (alpha dropped) or ``webp``."""
+    """Encode to ``png`` (8/16-bit, alpha kept; ``encode_png``), ``jxl`` (JPEG XL lossless, 8/16-bit,
+    alpha kept), ``jpeg``/``jpg`` (alpha dropped) or ``webp``."""
     fmt = _FORMATS.get(format.lower().lstrip("."))
     if fmt is None:
-        raise ValueError(f"unsupported output format {format!r}; use one of: png, jpeg (jpg), webp")
+        raise ValueError(f"unsupported output format {format!r}; use one of: png, jxl, jpeg (jpg), webp")
     pixels, alpha = image.pixels, image.alpha
     out = io.BytesIO()
-    if fmt == "PNG":
+    if fmt in ("PNG", "JXL"):
         values = pixels if alpha is None else np.dstack([pixels, alpha])  # gray, GA, RGB or RGBA
-        return imagecodecs.png_encode(values, level=png_compress_level, **_png_settings(png_compress_level))
+        if fmt == "JXL":
+            return imagecodecs.jpegxl_encode(values, lossless=True, effort=JXL_EFFORT, numthreads=1)
+        return encode_png(values, png_compress_level)
     pixels, alpha = _to_8bit(pixels), None if alpha is None else _to_8bit(alpha)
     if fmt == "JPEG":
         # JPEG has no alpha channel: it is dropped, not composited. 4:4:4 keeps the chroma detail
@@ -371,6 +382,37 @@ def encode_image(
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         _to_pillow(pixels, alpha).save(out, "WEBP", quality=quality)
     return out.getvalue()
+
+
+def encode_png(values: np.ndarray, level: int | str = PNG_FAST) -> bytes:
+    """A standard, lossless PNG of ``values`` (HxW gray, HxWx2 gray + alpha, HxWx3 RGB or HxWx4
+    RGBA; uint8 or uint16). ``level``: ``PNG_FAST`` writes 8-bit RGB and RGBA with fpng (7.5-9.5x
+    the speed of libpng at zlib level 1, for files 1.18-1.33x its size: benchmarks/png_writers.py)
+    and the rest with libpng at ``PNG_LIBPNG_LEVEL``; 0-9 write everything with libpng at that zlib
+    level (``_png_settings``): the smaller files, for the CPU."""
+    if level == PNG_FAST:
+        fast = _fpng(values)
+        if fast is not None:
+            return fast
+        level = PNG_LIBPNG_LEVEL
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ValueError(f"PNG level {level!r} is neither {PNG_FAST!r} nor a zlib level 0-9")
+    return imagecodecs.png_encode(values, level=level, **_png_settings(level))
+
+
+def _fpng(values: np.ndarray) -> bytes | None:
+    """fpng's PNG of 8-bit RGB or RGBA ``values``; None for any other layout, or where fpng is
+    not installed (a platform without its wheel). Its binding neither checks what it is given (it
+    converts a uint16 array to uint8 unasked) nor raises on failure (it returns no bytes), so both
+    are checked here."""
+    if values.dtype != np.uint8 or values.ndim != 3 or values.shape[2] not in (3, 4) or 0 in values.shape:
+        return None
+    try:
+        import fpng
+    except ImportError:
+        return None
+    data = fpng.from_ndarray(np.ascontiguousarray(values))
+    return data if data.startswith(_PNG_SIGNATURE) else None
 
 
 def _to_8bit(a: np.ndarray) -> np.ndarray:

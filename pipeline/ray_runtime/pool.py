@@ -12,9 +12,8 @@ from typing import Any
 
 from pipeline.errors import DeviceError
 from pipeline.ray_runtime.capacity import Capacity, capacity, wait_for_gpus
-from pipeline.ray_runtime.consensus import agreed_build, device_kind, precision_choices
 from pipeline.ray_runtime.quiet import verbose
-from pipeline.ray_runtime.session import user_error
+from pipeline.ray_runtime.session import joined, user_error
 
 
 @contextmanager
@@ -118,35 +117,30 @@ def place_model_actors(
     device: str, actors: int | None, actor_cpus: float, inputs: int, gpu_wait_s: float
 ) -> ActorPool:
     """The model actors of a job (``actor_pool``), decided from its ``device`` setting and the
-    cluster's ``capacity``, and said (logged). On GPUs the autoscaler adds, the first is asked for
-    and waited for (``wait_for_gpus``, at most ``gpu_wait_s``) before the job starts. A CUDA device
-    on a cluster that has no GPU and no autoscaler that may add one is refused at once."""
+    cluster's ``capacity``, and said (logged) on a cluster the command joined or one with GPUs. On
+    GPUs the autoscaler adds, the first is asked for and waited for (``wait_for_gpus``, at most
+    ``gpu_wait_s``) before the job starts. A CUDA device on a cluster that has no GPU and no
+    autoscaler that may add one is refused at once."""
     cap = capacity()
     if device.startswith("cuda") and not (cap.gpus or cap.may_add_gpus):
         raise DeviceError(f"--device {device} asked for, but the Ray cluster has {cap.describe()}")
     pool = actor_pool(actors, actor_cpus, inputs, cap)
-    log.info("%s (%s)", pool.describe(), cap.describe())
+    if joined() or cap.gpus or cap.autoscaler:  # a command's own local Ray has nothing to decide
+        log.info("%s (%s)", pool.describe(), cap.describe())
     if pool.num_gpus and not cap.gpus:
         wait_for_gpus(1, pool.num_cpus, gpu_wait_s, say=log.info)
         pool = actor_pool(actors, actor_cpus, inputs)
     return pool
 
 
-def model_stage(
-    dataset: Any, actor: type, pool: ActorPool, precision: str, *, batch_size: int, **constructor: Any
-) -> Any:
+def model_stage(dataset: Any, actor: type, pool: ActorPool, *, batch_size: int, **constructor: Any) -> Any:
     """``dataset`` mapped through ``pool``'s actors of class ``actor``, ``batch_size`` rows per
-    call, each actor made with ``constructor`` plus its ``threads`` and, where several must agree
-    on ``precision=auto``, the ``choices`` they share (``precision_choices``)."""
+    call, each actor made with ``constructor`` plus its ``threads``."""
     import ray.data
 
     return dataset.map_batches(
         actor,
-        fn_constructor_kwargs={
-            **constructor,
-            "threads": pool.threads,
-            "choices": precision_choices(precision, pool.size),
-        },
+        fn_constructor_kwargs={**constructor, "threads": pool.threads},
         compute=ray.data.ActorPoolStrategy(
             min_size=pool.least, max_size=pool.size, max_concurrent_calls_per_actor=pool.calls
         ),
@@ -202,12 +196,12 @@ def actor_gpu_share() -> float:
     return share if 0 < share < 1 else 1.0
 
 
-def actor_upscaler(spec: Any, scale: int, threads: int, choices: Any | None, files: Any) -> Any:
+def actor_upscaler(spec: Any, scale: int, threads: int, files: Any) -> Any:
     """A model actor's engine (``build_upscaler``) for the ``InferenceSpec`` ``spec`` at ``scale``,
-    its weights read through ``files`` (the job's ``storage.Files``):
-    on the device the actor was given (``actor_device``), computing with ``threads`` torch threads
-    on the CPU (``ActorPool.threads``), with its share of the GPU's memory (``actor_gpu_share``), in
-    the precision the pool agrees on (``agreed_build``)."""
+    its weights read through ``files`` (the job's ``storage.Files``): on the device the actor was
+    given (``actor_device``), computing with ``threads`` torch threads on the CPU
+    (``ActorPool.threads``), with its share of the GPU's memory (``actor_gpu_share``). Actors on
+    one kind of device make the same ``precision=auto`` choice (``engine.auto_precision``)."""
     import torch
 
     from pipeline.config.builder import build_upscaler
@@ -217,10 +211,4 @@ def actor_upscaler(spec: Any, scale: int, threads: int, choices: Any | None, fil
         # Ray sets OMP_NUM_THREADS to the (fractional, so 1) CPUs an actor reserves; the model is
         # the bottleneck, so let it use its share of the node's cores (1.9x on 2: benchmarks/README.md).
         torch.set_num_threads(threads)
-    share = actor_gpu_share()
-
-    def build(precision: str) -> Any:
-        chosen = spec.model_copy(update={"precision": precision})
-        return build_upscaler(chosen, scale, device=device, files=files, memory_share=share)
-
-    return agreed_build(choices, f"x{scale} {device_kind(device)}", spec.precision, build)
+    return build_upscaler(spec, scale, device=device, files=files, memory_share=actor_gpu_share())

@@ -29,7 +29,9 @@ from pipeline.errors import ClusterError, PipelineError, first_line
 from pipeline.ray_runtime import private
 from pipeline.ray_runtime.quiet import quiet_loggers, quiet_worker_output, verbose
 
-_state = {"watchdog": None}  # the write end of the watchdog's pipe, once started
+# watchdog: the write end of the watchdog's pipe, once started; joined: whether connect joined a
+# cluster (an address or RAY_ADDRESS) rather than starting a Ray of its own
+_state: dict[str, Any] = {"watchdog": None, "joined": False}
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,6 +98,7 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
             }
     level = logging.INFO if shown else logging.WARNING
     ray.init(address=address or EMBEDDED, logging_level=level, **embedded)
+    _state["joined"] = bool(address)
     quiet_loggers()
     if not shown:
         quiet_worker_output()
@@ -104,6 +107,11 @@ def connect(address: str | None, *, ray_train: bool = False) -> None:
 
 EMBEDDED = "local"  # ray.init's address for "start a new local Ray", whatever else runs here
 QUIET_WORKERS = "PAN_QUIET_WORKERS"
+
+
+def joined() -> bool:
+    """Whether ``connect`` joined a cluster, rather than starting a Ray of the command's own."""
+    return _state["joined"]
 
 
 def setup_worker() -> None:
