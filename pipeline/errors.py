@@ -49,6 +49,10 @@ class UnsupportedImageError(InvalidImageError):
     """A readable image in a mode or shape we cannot upscale (e.g. a 32-bit float TIFF)."""
 
 
+class ImageTooSmallError(InvalidImageError):
+    """An image smaller than what a job cuts from it (a training sub-image)."""
+
+
 class WeightsError(PipelineError):
     """Weights that cannot be found, read, or do not fit the requested model."""
 

@@ -23,7 +23,8 @@ from pipeline.io.storage import is_url
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))
-INPUTS = ("source", "data", "lr_data", "val_data", "init_weights", "weights")  # read, so they must exist
+# read, so they must exist
+INPUTS = ("source", "sources", "data", "lr_data", "val_data", "init_weights", "weights")
 
 
 def _spec(tmp_path, text: str) -> Path:
@@ -47,9 +48,9 @@ def test_every_spec_in_jobs_validates_and_names_what_exists(path, monkeypatch):
                 assert local.exists(), f"{path.name}: {key}: {value} does not exist in the repo"
 
 
-def test_the_three_kinds_have_specs_and_the_nightly_one_is_scheduled():
+def test_every_kind_has_a_spec_and_the_nightly_one_is_scheduled():
     kinds = {load_spec(p).kind for p in SPECS}
-    assert kinds == set(KINDS) == {"upscale", "train", "eval"}
+    assert kinds == set(KINDS) == {"upscale", "prepare", "train", "eval"}
     assert load_spec(REPO / "jobs/nightly-upscale.yaml").schedule == "0 2 * * *"
     card = load_spec(REPO / "jobs/eval-model-card.yaml").job
     assert card.scale == (2, 3, 4) and card.weights == DEFAULT_WEIGHTS
@@ -71,7 +72,7 @@ def test_a_path_under_an_existing_folder_is_never_taken_for_a_hub_id(tmp_path, m
          "tilee: not a setting of upscale jobs (did you mean tile?)"),
         ("kind: upscale\nsource: a\ndest: b\n", "scale is required"),
         ("kind: upscale\nsource: a\ndest: b\nscale: 5\n", "scale: Input should be 2, 3 or 4"),
-        ("kind: upscal\n", "kind 'upscal' is unknown (choose one of upscale, train, eval)"),
+        ("kind: upscal\n", "kind 'upscal' is unknown (choose one of upscale, prepare, train, eval)"),
         ("source: a\n", "no kind: key"),
         ("kind: eval\ndata: [a]\nscale: 2\nschedule: nightly\n", "schedule: 'nightly' is not a cron line"),
         ("kind: eval\ndata: []\nscale: 2\n", "data: Value should have at least 1 item"),

@@ -244,3 +244,27 @@ def test_s3_fine_tuning_with_credentials_only_in_storage_options(s3_server, bsds
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="creds", Prefix="runs/ft/")["Contents"]}
     assert {"runs/ft/export/config.json", "runs/ft/metrics.jsonl"} <= keys
     assert any(k.startswith("runs/ft/checkpoint_") for k in keys)
+
+
+def test_training_on_a_prepared_set_records_where_the_step_time_goes(
+    local_ray, benchmarks_dir, tmp_path, capsys
+):
+    """`pan train --data` takes a prepared set (found by its manifest); each step's wait for its
+    batch and its whole time are in metrics.jsonl, and their share in run.json and the summary."""
+    from pipeline.config.settings import PrepareJob
+    from pipeline.training.prepare import run_prepare
+
+    prepared = str(tmp_path / "set")
+    run_prepare(
+        PrepareJob(sources=str(benchmarks_dir / "Set5/HR"), dest=prepared, scale=2, crop_size=96, step=48)
+    )
+    argv = ["train", "--data", prepared, "--scale", "2", "--workers", "2", "--storage", str(tmp_path)]
+    argv += ["--name", "p", "--batch-size", "4", "--patch-size", "24", "--max-steps", "4", "--val-every", "4"]
+    assert main(argv) == 0
+    assert "the steps waited for data" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "p/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 <= r["data_seconds"] <= r["step_seconds"] for r in records)
+    timed = json.loads((tmp_path / "p/run.json").read_text())["input"]
+    assert timed["steps"] == 4 and 0 <= timed["data_wait_share"] < 1
+    assert timed["step_seconds"] == pytest.approx(sum(r["step_seconds"] for r in records))

@@ -32,6 +32,8 @@ from pipeline.cli.commands import (
 from pipeline.cli.flags import _add_settings
 from pipeline.errors import PipelineError
 
+POSITIONAL = {"upscale": ("source", "dest"), "prepare": ("sources", "dest")}  # the rest are flags
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes end like every user error: one line on stderr, exit code 2."""
@@ -42,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli.submit import RUNTIME_ENVS
-    from pipeline.config.settings import KINDS, EvalJob, InferenceSpec, TrainJob, UpscaleJob
+    from pipeline.config.settings import KINDS, EvalJob, InferenceSpec, PrepareJob, TrainJob, UpscaleJob
 
     inference = ("scale", *InferenceSpec.model_fields, "storage_options")  # upscale-image and compare
     common = argparse.ArgumentParser(add_help=False)
@@ -67,15 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     helps = {
         "upscale": "upscale a folder, S3 prefix or shards on Ray (the batch job)",
+        "prepare": "make training sources a prepared set of sub-images, once, on Ray (a re-run finishes it)",
         "train": "train or fine-tune PAN on Ray Train (the same name resumes)",
         "eval": "PSNR/SSIM on benchmark sets on Ray, with the bicubic baseline",
     }
     for kind, job_class in KINDS.items():
         p = sub.add_parser(kind, parents=[common], help=helps[kind], description=helps[kind])
         p.add_argument("--config", metavar="SPEC", help="job spec file (see jobs/); flags override it")
-        _add_settings(p, job_class, positional=("source", "dest") if job_class is UpscaleJob else ())
+        _add_settings(p, job_class, positional=POSITIONAL.get(kind, ()))
         p.set_defaults(handler=cmd_job)
-    assert set(helps) == set(KINDS) and {UpscaleJob, TrainJob, EvalJob} == set(KINDS.values())
+    assert set(helps) == set(KINDS) and {UpscaleJob, PrepareJob, TrainJob, EvalJob} == set(KINDS.values())
 
     sets = argparse.ArgumentParser(add_help=False)
     sets.add_argument(

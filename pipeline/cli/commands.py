@@ -196,24 +196,48 @@ def _print_ignored(ignored: dict[str, int], examples: dict[str, list[str]]) -> N
 
 
 def _run_train(job) -> int:
-    from pipeline.training.job import run_training
+    from pipeline.training.job import AlreadyTrained, run_training
 
     result = run_training(job)
+    if isinstance(result, AlreadyTrained):
+        print(f"{job.run_dir} already holds --max-steps {job.max_steps}: nothing to train (raise it)")
     if result.error:
         raise PipelineError(f"training failed: {first_line(result.error)}")
     metrics = result.metrics or {}
     best = metrics.get("best_val_psnr_y")
     best_text = f", best val PSNR_Y {best:.3f} dB" if best not in (None, float("-inf")) else ""
     print(f"{job.name}: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.5f}{best_text}")
+    if metrics.get("data_wait_share") is not None:
+        print(f"the steps waited for data {metrics['data_wait_share']:.1%} of their time")
     print(f"metrics -> {job.run_dir}/metrics.jsonl; weights -> {job.run_dir}/export")
     return 0
 
 
-RUNNERS = {"upscale": _run_upscale, "train": _run_train, "eval": _run_eval}
+def _run_prepare(job) -> int:
+    from pipeline.cli.progress import JobProgress
+    from pipeline.training.prepare import run_prepare
+    from pipeline.training.prepared import ERRORS_NAME
+
+    with JobProgress("preparing", unit="images") as progress:
+        summary = run_prepare(job, on_progress=lambda counts, total: progress.update(counts, 0, total))
+    scales = ", ".join(f"x{s}" for s in summary.scales)
+    print(
+        f"{summary.inputs} images: {summary.written} written, {summary.failed} failed, {summary.skipped} "
+        f"skipped in {summary.seconds:.1f} s; the set holds {summary.sub_images} sub-images of "
+        f"{job.crop_size} px at {scales} in {summary.shards} shards ({summary.bytes / 1e9:.2f} GB) "
+        f"-> {job.dest}"
+    )
+    if summary.failed:
+        print(f"{summary.failed} images could not be used: {job.dest}/{ERRORS_NAME}", file=sys.stderr)
+    return 0
+
+
+RUNNERS = {"upscale": _run_upscale, "prepare": _run_prepare, "train": _run_train, "eval": _run_eval}
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    """``pan upscale``, ``pan train``, ``pan eval``: a spec file (if any) overridden by the flags."""
+    """``pan upscale``, ``pan prepare``, ``pan train``, ``pan eval``: a spec file (if any) overridden
+    by the flags."""
     from pipeline.config.settings import KINDS
     from pipeline.config.specfile import build_job
 

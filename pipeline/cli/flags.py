@@ -41,11 +41,14 @@ def _add_settings(
     for name in names or job_class.model_fields:
         field = job_class.model_fields[name]
         help_text = (field.description or "").replace("%", "%%")
+        annotation = field.annotation
         if name in positional:
-            parser.add_argument(name, metavar=name.upper(), type=_converter(field.annotation, field.metadata),
+            repeated = get_origin(annotation) is tuple  # SOURCES... DEST
+            element = (get_args(annotation)[0], []) if repeated else (annotation, field.metadata)
+            convert = _converter(*element)
+            parser.add_argument(name, metavar=name.upper(), nargs="+" if repeated else None, type=convert,
                                 help=help_text)  # fmt: skip
             continue
-        annotation = field.annotation
         options = options_of(annotation)
         kwargs: dict[str, Any] = {"required": name in required}
         default = field.get_default(call_default_factory=True)

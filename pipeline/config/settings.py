@@ -20,6 +20,7 @@ Conventions, kept everywhere:
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import (
@@ -313,7 +314,10 @@ class TrainJob(JobSpec):
 
     kind: ClassVar[str] = "train"
 
-    data: Source = Field(description="training images: folder, DIV2K zip, Parquet, imagefolder or hub id")
+    data: Source = Field(
+        description="training images: a prepared set (pan prepare; found by its manifest.json), or a folder, "
+        "DIV2K zip, Parquet, imagefolder or hub id"
+    )
     lr_data: Source | None = Field(
         None, description="the matching LR archive or folder (default: bicubic from the HR images)"
     )
@@ -332,9 +336,15 @@ class TrainJob(JobSpec):
     val_data: Source | None = Field(None, description="benchmark set for validation, e.g. a Set5 folder")
     val_every: int = Field(500, ge=1, description="validate and checkpoint every N steps")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights, e.g. 0.999")
-    five_crop: bool = Field(False, description="the model card's five-crop pre-augmentation")
-    loader_workers: int = Field(0, ge=0, description="data loader processes per worker")
-    cache_images: int = Field(64, ge=0, description="decoded images kept in memory per worker")
+    five_crop: bool = Field(False, description="the model card's five-crop pre-augmentation (image sources)")
+    loader_workers: int = Field(
+        0,
+        ge=0,
+        description="data loader processes per worker (image sources; a prepared set's are cut in a thread)",
+    )
+    cache_images: int = Field(
+        64, ge=0, description="decoded images kept in memory per worker (image sources)"
+    )
     max_failures: int = Field(2, ge=0, description="worker failures to recover from")
     seed: int = Field(0, description="random seed")
     log_every: int = Field(10, ge=1, description="record the loss every N steps")
@@ -345,6 +355,72 @@ class TrainJob(JobSpec):
     @property
     def run_dir(self) -> str:
         return join(self.storage, self.name)
+
+
+class PrepareJob(JobSpec):
+    """Every setting of preparing a training set once (``pipeline.training.prepare``): sub-images of
+    the HR images with their LR at each scale, which training cuts patches from at memory speed."""
+
+    kind: ClassVar[str] = "prepare"
+
+    sources: Annotated[
+        tuple[Source, ...],
+        BeforeValidator(_as_tuple),
+        AfterValidator(_unique),
+        Field(
+            min_length=1,
+            description="training images: folders or URL prefixes of images, zips like DIV2K's, Parquet, "
+            "imagefolders or hub ids (repeatable; DF2K is DIV2K train + Flickr2K)",
+        ),
+    ]
+    dest: Location = Field(
+        description="folder or URL of the prepared set: new, empty, or prepared by an earlier run with these "
+        "settings (which this run finishes)"
+    )
+    scale: Annotated[
+        tuple[Literal[SCALES], ...],
+        BeforeValidator(_as_tuple),
+        AfterValidator(_unique),
+        Field(min_length=1, description="upscaling factors to make LR sub-images for (repeatable)"),
+    ]
+    lr_data: Annotated[
+        tuple[Source, ...],
+        BeforeValidator(_as_tuple),
+        AfterValidator(_unique),
+        Field(
+            description="official LR sets (e.g. DIV2K_train_LR_bicubic_X2.zip), each used for the source and "
+            "scale its image names fit (<name>x<scale>); elsewhere LR is made with MATLAB bicubic "
+            "(repeatable)"
+        ),
+    ] = ()
+    crop_size: int = Field(
+        360, ge=12, description="HR sub-image size in pixels (the authors' 360); a multiple of every scale"
+    )
+    step: int = Field(
+        180,
+        ge=1,
+        description="HR pixels from one sub-image to the next (the authors' 180: neighbours overlap by half, "
+        "so patches across their seams occur too); a multiple of every scale",
+    )
+    split: str | None = Field(None, description="dataset split (default: test, validation or the only one)")
+    storage_options: StorageOptions = Field(default_factory=dict)
+    address: RayAddress = None
+
+    @field_validator("crop_size", "step")
+    @classmethod
+    def _multiple_of_every_scale(cls, value: int, info: Any) -> int:
+        """Sub-images start and end on every scale's LR pixel grid, so their LR is a slice of the
+        whole image's LR: crop and step are multiples of the scales' least common multiple."""
+        scales = info.data.get("scale")
+        if not scales:
+            return value  # the scale itself is refused, and says so
+        grid = math.lcm(*scales)
+        if value % grid:
+            lower = value - value % grid
+            hint = f"{lower} or {lower + grid}" if lower else f"{grid}"
+            every = ", ".join(map(str, scales))
+            raise ValueError(f"{value} is not a multiple of {grid} (every scale's: {every}); use {hint}")
+        return value
 
 
 class EvalJob(JobSpec, InferenceSpec):
@@ -390,6 +466,6 @@ class EvalJob(JobSpec, InferenceSpec):
         return self.weights.replace(SCALE_PLACEHOLDER, str(scale))
 
 
-KINDS: dict[str, type[JobSpec]] = {cls.kind: cls for cls in (UpscaleJob, TrainJob, EvalJob)}
+KINDS: dict[str, type[JobSpec]] = {cls.kind: cls for cls in (UpscaleJob, PrepareJob, TrainJob, EvalJob)}
 
 # -- spec files, --set and flags --------------------------------------------------------------------

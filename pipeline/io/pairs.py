@@ -11,6 +11,7 @@ made from that HR with the MATLAB bicubic ``imresize``); both HxWx3 uint8 RGB.
   ``LR_bicubic/X{s}/<name>x{s}.<ext>``, local or at a URL (``s3://.../Set5``: copied to the temp
   folder first, so a cluster's driver needs no local copy);
 - a folder that holds only images (walked recursively, sorted by path), e.g. BSDS200: HR only;
+  local, or a URL prefix (``s3://bucket/photos``) read image by image through ``files``;
 - an archive of images (``.zip``/``.tar``/``.tar.gz``, local or URL), read by ``datasets``'
   imagefolder builder: DIV2K's official zips (``div2k_urls``);
 - anything ``datasets.load_dataset`` loads (a hub id, a Parquet file or folder, an imagefolder
@@ -42,8 +43,8 @@ from pipeline.io.storage import Files, is_url, join
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K"
 FORMS_THAT_WORK = (
-    "a folder with HR/ (and optionally LR_bicubic/X{s}/), a folder of images, a Parquet file or folder, "
-    "an imagefolder, DIV2K's official zips (DIV2K_train_HR.zip, with LR from "
+    "a folder with HR/ (and optionally LR_bicubic/X{s}/), a folder or URL prefix of images, a Parquet file "
+    "or folder, an imagefolder, DIV2K's official zips (DIV2K_train_HR.zip, with LR from "
     "DIV2K_train_LR_bicubic_X{s}.zip or made with bicubic), or a hub dataset stored as Parquet with an "
     "'hr' image column (optional 'lr')"
 )
@@ -153,6 +154,22 @@ class _ColumnImages(_Images):
         return _decode(data or b"", self.names[index])
 
 
+class _UrlImages(_Images):
+    """The images under a URL prefix (``rels``: their paths under it, sorted), read through ``files``."""
+
+    def __init__(self, source: str, rels: list[str], files: Files) -> None:
+        self.source, self.rels, self.files = source, rels, files
+        self.names = [PurePosixPath(rel).with_suffix("").as_posix() for rel in rels]
+
+    def read(self, index: int) -> np.ndarray:
+        location = join(self.source, self.rels[index])
+        try:
+            data = self.files.read_bytes(location)
+        except (OSError, PipelineError) as exc:
+            raise DatasetError(f"cannot read {location}: {exc}") from exc
+        return _decode(data, location)
+
+
 def _path_stem(path: str | None) -> str:
     # imagefolder on an archive gives fsspec chained URLs: "zip://DIV2K_train_HR/0001.png::/x/a.zip".
     member = (path or "").split("::")[0].split("://")[-1]
@@ -208,13 +225,25 @@ class ImagePairs(PairSource):
     def __len__(self) -> int:
         return len(self.hr.names)
 
+    @property
+    def names(self) -> list[str]:
+        """The name of each pair, in order: its HR image's path under the source, without suffix."""
+        return self.hr.names
+
+    def read_hr(self, index: int) -> np.ndarray:
+        """HR image ``index`` as decoded (not cropped): a job making several scales decodes it once."""
+        return self.hr.read(index)
+
+    def read_lr(self, index: int) -> np.ndarray | None:
+        """The source's own LR image for HR ``index`` as decoded, or None when it has none."""
+        if self.lr is None:
+            return None
+        return self.lr.read(self.lr_rows[index] if self.lr_rows is not None else index)
+
     def pair(self, index: int) -> BenchmarkPair:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} of {len(self)} in {self.name}")
-        hr, lr = self.hr.read(index), None
-        if self.lr is not None:
-            lr = self.lr.read(self.lr_rows[index] if self.lr_rows is not None else index)
-        return make_pair(self.hr.names[index], hr, lr, self.scale)
+        return make_pair(self.hr.names[index], self.read_hr(index), self.read_lr(index), self.scale)
 
 
 def open_pairs(
@@ -273,6 +302,10 @@ def _open(
                 f"{source}: no such file or folder, and the Hugging Face hub cannot be asked for it as a "
                 f"dataset id: {reason} (with HF_HUB_OFFLINE=1 a cached copy is used)"
             )
+    if is_url(source) and not _data_file_builder(source):
+        images = _url_images(source, files)
+        if images is not None:
+            return _source_name(source), images, None, None
     ds = _load_hf(source, split, files)
     hr_col = next((c for c in ("hr", "image") if c in ds.column_names), None)
     if hr_col is None:
@@ -317,6 +350,15 @@ def _benchmark_folder(root: Path, scale: int) -> tuple[_Images, _Images | None, 
         return hr, None, None
     lr = _FileImages(sorted(p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), lr_dir)
     return hr, lr, _match_by_name(hr.names, lr, scale, lr_dir)
+
+
+def _url_images(source: str, files: Files) -> _UrlImages | None:
+    """The images under the URL prefix ``source`` when it holds nothing else (hidden files aside), as
+    ``_only_images`` takes a local folder; else None."""
+    listed = [f for f in files.list_files(source) if not any(part.startswith(".") for part in f.split("/"))]
+    if not listed or any(PurePosixPath(f).suffix.lower() not in IMAGE_SUFFIXES for f in listed):
+        return None
+    return _UrlImages(source, listed, files)
 
 
 def _only_images(root: Path) -> list[Path] | None:

@@ -8,9 +8,15 @@ metrics; the best weights are tracked.
 Layout under ``STORAGE/NAME`` (local or ``s3://``):
 ``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, AMP loss scale, step, EMA, RNG, best score),
 ``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
-and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``, ``export/`` (final weights)
-and ``export-best/`` (best validation), both in the ``save_pretrained`` layout that
-``pan upscale --weights`` takes, and ``run.json``: the model the run trains (scale and PAN config).
+``data_seconds`` (what rank 0's step waited for its batch) and ``step_seconds`` (the whole step,
+that wait included), and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``,
+``export/`` (final weights) and ``export-best/`` (best validation), both in the ``save_pretrained``
+layout that ``pan upscale --weights`` takes, and ``run.json``: the model the run trains (scale and
+PAN config), the step its export holds, and where the steps' time went (``input``: the share of
+it spent waiting for data).
+
+The data is a prepared set (``pan prepare``; each worker reads its own share of its shards) or
+image sources (``pipeline.training.inputs``).
 
 Running again with the same storage and name resumes from the latest checkpoint: steps are never
 done twice, and ``max_steps`` may be raised to train further. A resume that would train another
@@ -19,6 +25,7 @@ model (another scale, or ``init_weights`` of another shape) is refused before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,10 +35,9 @@ from pipeline.config.settings import TrainJob
 from pipeline.core.model import PANConfig
 from pipeline.errors import PipelineError, SettingsError
 from pipeline.io.storage import join
-from pipeline.training.loop import train_loop
+from pipeline.training.loop import METRICS_FILE, RUN_FILE, train_loop
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -77,6 +83,27 @@ def claim_run(job: TrainJob, config: PANConfig) -> None:
     job.files.write_bytes(location, (json.dumps({"model": config.to_dict()}, indent=2) + "\n").encode())
 
 
+@dataclasses.dataclass(frozen=True)
+class AlreadyTrained:
+    """What ``run_training`` returns for a run whose export already holds ``max_steps`` or more:
+    its last recorded metrics, as a Ray Train result gives them, and no error."""
+
+    metrics: dict[str, Any]
+    error: None = None
+
+
+def _already_trained(job: TrainJob) -> AlreadyTrained | None:
+    """The run's last metrics when its export holds at least ``job.max_steps`` steps, else None."""
+    try:
+        exported = json.loads(job.files.read_bytes(join(job.run_dir, RUN_FILE))).get("exported_step")
+        lines = job.files.read_bytes(join(job.run_dir, METRICS_FILE)).decode().splitlines()
+    except (FileNotFoundError, ValueError):
+        return None
+    if exported is None or exported < job.max_steps or not lines:
+        return None
+    return AlreadyTrained(json.loads(lines[-1]))
+
+
 def _wait_for_gpu_workers(job: TrainJob) -> None:
     """``--gpu``: one GPU per worker, up now or added by the cluster's autoscaler (asked for and
     waited for, at most ``gpu_wait_seconds``); refused at once where they cannot come."""
@@ -106,8 +133,9 @@ def _backend(job: TrainJob) -> str:
 def run_training(job: TrainJob):
     """Train (or resume) the run ``STORAGE/NAME`` on a Ray cluster; returns Ray Train's Result.
 
-    Fails fast on the driver, before Ray starts: the data sources open (names only, nothing
-    decoded), the weights load, the storage takes a write, and a resume trains the same model.
+    Fails fast on the driver, before Ray starts: the data opens (a prepared set's manifest fits the
+    run; image sources: names only, nothing decoded), the weights load, the storage takes a write,
+    and a resume trains the same model.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -116,13 +144,17 @@ def run_training(job: TrainJob):
     from pipeline.ray_runtime import private
     from pipeline.ray_runtime.quiet import verbose
     from pipeline.ray_runtime.session import connect, user_error
+    from pipeline.training.inputs import check_training_data
 
-    open_pairs(job.data, job.scale, lr_source=job.lr_data, files=job.files)
+    check_training_data(job)
     if job.val_data:
         open_pairs(job.val_data, job.scale, files=job.files)
     config = model_config(job)
     job.files.check_writable(job.storage)
     claim_run(job, config)
+    done = _already_trained(job)
+    if done is not None:  # nothing to train: no Ray, no workers
+        return done
     # Ray Train copies each print of a worker to the logs as well: every step would show twice.
     os.environ.setdefault(private.TRAIN_PRINT_PATCH.name, "0")
     if not (job.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: no node is preempted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -13,11 +14,12 @@ import torch
 
 from pipeline.config.settings import TrainJob
 from pipeline.core.model import PAN
-from pipeline.errors import PipelineError, SettingsError
+from pipeline.errors import SettingsError
 from pipeline.io.storage import Files, join
 from pipeline.io.weights import save_pretrained
 
 STATE_FILE = "state.pt"
+RUN_FILE = "run.json"  # the model a run trains (``training.job.claim_run``) and its last export
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,6 +43,15 @@ class _RunFiles:
                 text = ""
             rows = (json.loads(line) for line in text.splitlines() if line.strip())
             self.records = [r for r in rows if r["step"] <= resumed_step]
+
+    def input_time(self) -> dict[str, float]:
+        """Where the recorded steps' time went: the ``steps`` timed, their ``step_seconds`` in all,
+        the ``data_seconds`` of it spent waiting for batches, and ``data_wait_share``, the one over
+        the other (0 without steps)."""
+        timed = [r for r in self.records if "step_seconds" in r]
+        steps, data = sum(r["step_seconds"] for r in timed), sum(r["data_seconds"] for r in timed)
+        share = data / steps if steps else 0.0
+        return {"steps": len(timed), "step_seconds": steps, "data_seconds": data, "data_wait_share": share}
 
     def flush(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.records)
@@ -154,10 +165,10 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from pipeline.io.pairs import load_benchmark, open_pairs
+    from pipeline.io.pairs import load_benchmark
     from pipeline.io.weights import load_pretrained
     from pipeline.ray_runtime.quiet import say
-    from pipeline.training.patches import PatchDataset
+    from pipeline.training.inputs import as_model_input, training_batches
 
     job = TrainJob(**config)
     ctx = ray.train.get_context()
@@ -198,28 +209,20 @@ def train_loop(config: dict[str, Any]) -> None:
     files = _RunFiles(job, training.step) if rank == 0 else None
     training.model = model = ray.train.torch.prepare_model(model, move_to_device=device)
 
-    pairs = open_pairs(job.data, job.scale, lr_source=job.lr_data, files=files)
-    dataset = PatchDataset(
-        pairs, job.scale, job.patch_size, five_crop=job.five_crop, cache_images=job.cache_images
-    )
-    per_worker = max(1, job.batch_size // world)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_worker, shuffle=True, drop_last=True, num_workers=job.loader_workers
-    )
-    # DistributedSampler: each worker its shard; batches moved to the worker's GPU where CUDA has one
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=device.type == "cuda")
-    if len(loader) == 0:
-        raise PipelineError(f"{job.data} has too few images for a batch of {per_worker} per worker")
-    val_pairs = load_benchmark(job.val_data, job.scale, files=files)[1] if job.val_data and rank == 0 else []
+    val_pairs = []
+    if job.val_data and rank == 0:
+        val_pairs = load_benchmark(job.val_data, job.scale, files=job.files)[1]
     scheduler, scaler = training.scheduler, training.scaler
-
-    loop_start = started = time.perf_counter()
-    done_since_log = 0
-    epoch = training.step // len(loader)
-    while training.step < job.max_steps:
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        for lr_batch, hr_batch in loader:
+    per_worker = max(1, job.batch_size // world)
+    batches = training_batches(job, rank=rank, world=world, device=device, step=training.step)
+    with contextlib.closing(batches):
+        loop_start = started = time.perf_counter()
+        since_log = {"steps": 0, "data_seconds": 0.0}
+        while training.step < job.max_steps:
+            began = time.perf_counter()
+            lr_batch, hr_batch = next(batches)
+            data_seconds = time.perf_counter() - began  # what the step waited for its batch
+            lr_batch, hr_batch = as_model_input(lr_batch, device), as_model_input(hr_batch, device)
             training.step = step = training.step + 1
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 loss = torch.nn.functional.l1_loss(model(lr_batch), hr_batch)
@@ -230,23 +233,35 @@ def train_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(_unwrap(model))
-            done_since_log += 1
-            record = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                      "seconds": time.perf_counter() - loop_start}  # fmt: skip
+            loss_value = float(loss.detach())  # waits for the device: the step ends here
+            record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                      "seconds": time.perf_counter() - loop_start, "data_seconds": data_seconds,
+                      "step_seconds": time.perf_counter() - began}  # fmt: skip
+            since_log["steps"] += 1
+            since_log["data_seconds"] += data_seconds
             if rank == 0 and step % job.log_every == 0:
-                rate = done_since_log * per_worker * world / (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                rate = since_log["steps"] * per_worker * world / elapsed
                 loss_text = f"loss {record['loss']:.5f} lr {record['lr']:.2e}"
-                say(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s")
-                started, done_since_log = time.perf_counter(), 0
+                waiting = f"{since_log['data_seconds'] / elapsed:.0%} waiting for data"
+                say(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s, {waiting}")
+                started, since_log = time.perf_counter(), {"steps": 0, "data_seconds": 0.0}
             if step % job.val_every == 0 or step == job.max_steps:
                 _checkpoint(job, training, record, rank=rank, val_pairs=val_pairs, files=files)
             elif files is not None:
                 files.records.append(record)
-            if step >= job.max_steps:
-                break
-        epoch += 1
     if rank == 0:
         _export(training.scored, join(job.run_dir, "export"), job.files)
+        _record_export(job, training.step, files.input_time())
+
+
+def _record_export(job: TrainJob, step: int, input_time: dict[str, float]) -> None:
+    """``run.json`` says which step ``export/`` holds: a run asked again for no more steps has
+    nothing to do, and the driver can tell so without starting Ray (``training.job``). It says too
+    where rank 0's step time went (``_RunFiles.input_time``)."""
+    location = join(job.run_dir, RUN_FILE)
+    record = {**json.loads(job.files.read_bytes(location)), "exported_step": step, "input": input_time}
+    job.files.write_bytes(location, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _unwrap(model: torch.nn.Module) -> PAN:
@@ -268,6 +283,7 @@ def _checkpoint(
     import ray.train
 
     metrics = dict(record)
+    shown: dict[str, float] = {"best_val_psnr_y": training.best}  # reported, not the step's record
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
@@ -285,4 +301,8 @@ def _checkpoint(
             files.records.append(metrics)
             files.flush()
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**metrics, "best_val_psnr_y": training.best}, checkpoint=ckpt)
+            shown = {
+                "best_val_psnr_y": training.best,
+                "data_wait_share": files.input_time()["data_wait_share"],
+            }
+        ray.train.report({**metrics, **shown}, checkpoint=ckpt)

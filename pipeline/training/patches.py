@@ -68,7 +68,7 @@ class PatchDataset(Dataset):
         lr, hr = pair.lr[y : y + p, x : x + p], pair.hr[s * y : s * (y + p), s * x : s * (x + p)]
         if self.augment:
             k = _randint(8)
-            lr, hr = _dihedral(lr, k), _dihedral(hr, k)
+            lr, hr = dihedral(lr, k), dihedral(hr, k)
         return _to_tensor(lr), _to_tensor(hr)
 
     def _region(self, pair: BenchmarkPair, crop: int | None) -> tuple[int, int, int, int]:
@@ -108,7 +108,7 @@ def _randint(n: int) -> int:
     return int(torch.randint(n, ()).item())
 
 
-def _dihedral(image: np.ndarray, k: int) -> np.ndarray:
+def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     """Element ``k`` (0..7) of the dihedral group on an HxWxC array: rotate k%4 quarter turns, then
     mirror left-right when k >= 4."""
     image = np.rot90(image, k % 4)
