@@ -94,7 +94,7 @@ def test_training_on_a_cluster_resting_at_zero_gpus_gets_its_workers_or_names_wh
 
     data = shared_dir / "train/BSDS200"
     common = ["train", "--data", data, "--scale", "2", "--gpu", "--max-steps", "2", "--val-every", "2",
-              "--batch-size", "2", "--patch-size", "16", "--storage", tmp_path]  # fmt: skip
+              "--batch-size", "3", "--patch-size", "16", "--storage", tmp_path]  # fmt: skip
     with start_autoscaling_cluster(v2=True, max_gpu_nodes=2, idle_timeout_s=10) as cluster:
         assert cluster.alive_gpu_nodes() == 0
         run = _pan(cluster, *common, "--name", "zero", "--workers", "1")

@@ -249,3 +249,19 @@ def test_run_refuses_a_bad_spec_before_anything_runs(tmp_path, capsys):
 def test_config_of_another_kind_is_refused(tmp_path, capsys):
     assert main(["upscale", "in", "out", "--config", str(REPO / "jobs/retrain-x2.yaml")]) == 2
     assert "is a 'train' job spec, not 'upscale'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_the_retrain_specs_carry_the_papers_recipe(scale):
+    """The authors' train_PANx{2,3,4}.yml (zhaohengyuan1/PAN): 64-px LR patches at every scale,
+    batch 32, Adam at 7e-4, cosine restarts every 250k steps to 1e-7, 1M steps, Set5 every 5k,
+    seed 10, no EMA; trained from scratch on the prepared DF2K of jobs/prepare-df2k.yaml."""
+    job = load_spec(REPO / f"jobs/retrain-x{scale}.yaml").job
+    prepare = load_spec(REPO / "jobs/prepare-df2k.yaml").job
+    recipe = {"scale": scale, "batch_size": 32, "patch_size": 64, "lr": 7e-4, "min_lr": 1e-7,
+              "restart_every": 250_000, "max_steps": 1_000_000, "val_every": 5000, "seed": 10,
+              "ema_decay": None, "init_weights": None, "batch_per_worker": False}  # fmt: skip
+    assert {key: getattr(job, key) for key in recipe} == recipe
+    assert job.data == prepare.dest and scale in prepare.scale
+    assert (prepare.crop_size, prepare.step) == (360, 180) and len(prepare.sources) == 2  # DIV2K + Flickr2K
+    assert job.val_data.endswith("/Set5")

@@ -34,8 +34,8 @@ def _entry(unit: InputUnit, key: str | None = None, status: str = "succeeded", *
 def _row(name: str) -> OutputRow:
     return OutputRow(key=name, name=name, input_width=1, input_height=1, input_mode="RGB", output_width=2,
                      output_height=2, scale=2, weights_id="w", weights_sha256="w", png=b"x" * 100,
-                     seconds=0.1, psnr_vs_bicubic=None, input_sha256=None, package_version="0",
-                     run_id="r")  # fmt: skip
+                     seconds=0.1, psnr_vs_input=None, pattern_levels=None, input_sha256=None,
+                     package_version="0", run_id="r")  # fmt: skip
 
 
 def _run(dest, run_id: str, entries, *, finish: bool = True, parquet: bool = False) -> RunLog:

@@ -1,5 +1,6 @@
 """Training on a real local Ray (gloo, CPU): checkpoints, resume, a killed worker, S3 storage."""
 
+import itertools
 import json
 import os
 import re
@@ -268,3 +269,116 @@ def test_training_on_a_prepared_set_records_where_the_step_time_goes(
     timed = json.loads((tmp_path / "p/run.json").read_text())["input"]
     assert timed["steps"] == 4 and 0 <= timed["data_wait_share"] < 1
     assert timed["step_seconds"] == pytest.approx(sum(r["step_seconds"] for r in records))
+
+
+def test_a_lost_node_shrinks_an_elastic_run_which_resumes_and_finishes(bsds, tmp_path, monkeypatch):
+    """Spot GPUs: a node of an elastic run (min_workers 1 of 2) dies mid-run; the run goes on from
+    its last checkpoint on the one worker left, repeats no step, and finishes. Ray Train first tries
+    the lost size again, for as long as a worker group may take to start (60 s by default, time for
+    an autoscaler to replace the node): 10 s here, for the test's sake."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")  # the nodes' processes inherit it
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        job = _job(data=bsds, scale=2, name="e", storage=str(tmp_path), workers=2, min_workers=1,
+                   max_steps=60, val_every=10, address=cluster.address)  # fmt: skip
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(outcome=run_training(job)))
+        runner.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+            (tmp_path / "e/metrics.jsonl").exists() and _steps(tmp_path / "e")[-1] >= 20
+        ):
+            time.sleep(0.2)
+        cluster.remove_node(nodes[0])
+        runner.join(timeout=600)
+        assert not runner.is_alive()
+        outcome = result["outcome"]
+        assert outcome.error is None and outcome.metrics["step"] == 60
+        records = [json.loads(line) for line in (tmp_path / "e/metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 61))  # resumed: no step twice, none lost
+        workers = [r["workers"] for r in records]
+        assert workers[0] == 2 and workers[-1] == 1, workers  # two until the node went, one after
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize(("batch", "world"), [(32, 3), (4, 2), (5, 4)])
+def test_the_ranks_weighted_losses_give_the_global_batchs_gradient(benchmarks_dir, batch, world):
+    """However a global batch divides over the workers (32 over 3: 11, 11, 10), DDP's average of
+    the ranks' weighted mean losses' gradients is the gradient of the whole batch's mean loss."""
+    import torch
+
+    from pipeline.core.model import PAN
+    from pipeline.training.loop import batch_share
+
+    job = _job(data="x", scale=2, name="g", batch_size=batch, workers=world)
+    shares = [batch_share(job, rank, world) for rank in range(world)]
+    assert sum(n for n, _ in shares) == batch and max(n for n, _ in shares) - min(n for n, _ in shares) <= 1
+    hr = torch.from_numpy(np.asarray(_photo(benchmarks_dir), dtype=np.float32) / 255)
+    hr = hr.permute(2, 0, 1)[:, : 12 * batch, :32].reshape(3, batch, 12, 32).permute(1, 0, 2, 3)
+    lr = torch.nn.functional.avg_pool2d(hr, 2)
+    torch.manual_seed(0)
+    model = PAN(scale=2)
+
+    def gradient(lr, hr, weight=1.0):
+        model.zero_grad()
+        (torch.nn.functional.l1_loss(model(lr), hr) * weight).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradient(lr, hr)
+    starts = np.cumsum([0] + [n for n, _ in shares])
+    averaged = (
+        sum(
+            gradient(lr[a:b], hr[a:b], w)
+            for (a, b), (_, w) in zip(itertools.pairwise(starts), shares, strict=True)
+        )
+        / world
+    )
+    torch.testing.assert_close(averaged, whole, rtol=1e-4, atol=1e-6)
+
+
+def _photo(benchmarks_dir):
+    from PIL import Image
+
+    return Image.open(benchmarks_dir / "Set14/HR/baboon.png").convert("RGB")
+
+
+def test_batch_per_worker_scales_the_batch_and_the_learning_rate_and_a_resume_moves_the_schedule():
+    import torch
+
+    from pipeline.training.loop import _Training, batch_share, global_batch, peak_lr
+
+    job = _job(
+        data="x", scale=2, name="b", batch_size=16, workers=4, batch_per_worker=True, lr=1e-3, min_lr=0
+    )
+    assert global_batch(job, 4) == 64 and batch_share(job, 1, 4) == (16, 1.0) and peak_lr(job, 4) == 4e-3
+    paper = job.model_copy(update={"batch_per_worker": False})
+    assert global_batch(paper, 4) == 16 and peak_lr(paper, 4) == 1e-3
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=4e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=100, eta_min=0)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    training = _Training(parameter, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), None)
+    training.set_peak_lr(
+        peak_lr(job, 2), 0
+    )  # resumed on 2 workers: half the peak, the same place in the cosine
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 2)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * (1 + np.cos(np.pi * 51 / 100)) / 2)
+
+
+def test_settings_that_cannot_share_a_batch_are_refused():
+    with pytest.raises(ValueError, match="min_workers 3 is more than workers 2"):
+        _job(data="x", scale=2, name="w", workers=2, min_workers=3)
+    with pytest.raises(ValueError, match="batch_size 2 is fewer patches than the 4 workers"):
+        _job(data="x", scale=2, name="w", workers=4, batch_size=2)

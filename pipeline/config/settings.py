@@ -38,6 +38,7 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 
 from pipeline.core.engine import AUTO, PRECISIONS
@@ -324,10 +325,23 @@ class TrainJob(JobSpec):
     scale: Scale
     name: str = Field(pattern=r"^[\w.-]+$", description="run name, a folder under storage (the same resumes)")
     storage: Location = Field("runs", description="where runs live: folder or URL")
-    workers: int = Field(1, ge=1, description="Ray Train workers")
+    workers: int = Field(1, ge=1, description="Ray Train workers (the most, with min_workers)")
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="elastic: keep training on as few as this many workers when nodes are lost (spot GPUs), "
+        "resuming from the last checkpoint, and grow back to workers as they return; default: always workers",
+    )
     gpu: bool = Field(False, description="one GPU per worker, nccl, AMP")
     max_steps: int = Field(1000, ge=1, description="train until this many iterations in all")
-    batch_size: int = Field(32, ge=1, description="LR patches per step over all workers")
+    batch_size: int = Field(
+        32, ge=1, description="LR patches per step over all workers (the paper's 32), however many there are"
+    )
+    batch_per_worker: bool = Field(
+        False,
+        description="batch_size and lr are per worker instead: N workers take N x batch_size patches a step "
+        "at N x lr (the linear scaling rule; a different recipe from the paper's)",
+    )
     patch_size: int = Field(64, ge=8, description="LR patch size in pixels")
     lr: float = Field(7e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(1e-7, ge=0, description="learning rate at the end of each cosine period")
@@ -351,6 +365,17 @@ class TrainJob(JobSpec):
     storage_options: StorageOptions = Field(default_factory=dict)
     gpu_wait_seconds: GpuWait = 900
     address: RayAddress = None
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> TrainJob:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers {self.min_workers} is more than workers {self.workers}")
+        if not self.batch_per_worker and self.batch_size < self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is fewer patches than the {self.workers} workers that share "
+                "it: raise batch_size, or set batch_per_worker"
+            )
+        return self
 
     @property
     def run_dir(self) -> str:

@@ -46,12 +46,11 @@ def check_training_data(job: TrainJob) -> PreparedSet | None:
 
 
 def training_batches(
-    job: TrainJob, *, rank: int, world: int, device: torch.device, step: int
+    job: TrainJob, per_worker: int, *, rank: int, world: int, device: torch.device, step: int
 ) -> Iterator[Any]:
-    """This worker's batches, ``(lr, hr)`` of ``batch_size // world`` patches each, without end
-    (``close()`` it when done). ``step``: where the run resumes, so a resumed worker draws new
-    patches and a DataLoader resumes at the epoch it was in."""
-    per_worker = max(1, job.batch_size // world)
+    """This worker's batches, ``(lr, hr)`` of ``per_worker`` patches each, without end (``close()``
+    it when done). ``step``: where the run resumes, so a resumed worker draws new patches and a
+    DataLoader resumes at the epoch it was in."""
     prepared = open_prepared(job.data, job.files)
     if prepared is None:
         return _pair_batches(job, per_worker, device, step)

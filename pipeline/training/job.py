@@ -105,21 +105,43 @@ def _already_trained(job: TrainJob) -> AlreadyTrained | None:
 
 
 def _wait_for_gpu_workers(job: TrainJob) -> None:
-    """``--gpu``: one GPU per worker, up now or added by the cluster's autoscaler (asked for and
-    waited for, at most ``gpu_wait_seconds``); refused at once where they cannot come."""
+    """``--gpu``: one GPU per worker (for the fewest workers of an elastic run), up now or added by
+    the cluster's autoscaler (asked for and waited for, at most ``gpu_wait_seconds``); refused at
+    once where they cannot come."""
     from pipeline.ray_runtime.capacity import capacity, wait_for_gpus
 
+    needed = job.min_workers or job.workers
     cap = capacity()
-    if cap.gpus >= job.workers:
+    if cap.gpus >= needed:
         return
     reachable = cap.reachable_gpus
-    if not cap.may_add_gpus or (reachable is not None and reachable < job.workers):
+    if not cap.may_add_gpus or (reachable is not None and reachable < needed):
         raise PipelineError(
-            f"--gpu with {job.workers} worker(s) needs {job.workers} GPU(s), but the Ray cluster has "
-            f"{cap.describe()}"
+            f"--gpu with {needed} worker(s) needs {needed} GPU(s), but the Ray cluster has {cap.describe()}"
         )
-    log.info("%d Ray Train worker(s), one GPU each (%s)", job.workers, cap.describe())
-    wait_for_gpus(job.workers, 1, job.gpu_wait_seconds, say=log.info)
+    log.info("%d Ray Train worker(s), one GPU each (%s)", needed, cap.describe())
+    wait_for_gpus(needed, 1, job.gpu_wait_seconds, say=log.info)
+
+
+# How often an elastic run that runs short of workers checks whether more fit: a resize restarts
+# the workers from the last checkpoint, so checking more often than checkpoints come buys nothing.
+ELASTIC_RESIZE_SECONDS = 300.0
+
+
+def scaling(job: TrainJob):
+    """Ray Train's ``ScalingConfig``: ``workers`` workers, or elastic between ``min_workers`` and
+    ``workers``: a worker group that lost a node restarts from the last checkpoint with the workers
+    it can get (at least ``min_workers``), and is resized up when more fit, checked every
+    ``ELASTIC_RESIZE_SECONDS``."""
+    from ray.train import ScalingConfig
+
+    if job.min_workers is None or job.min_workers == job.workers:
+        return ScalingConfig(num_workers=job.workers, use_gpu=job.gpu)
+    return ScalingConfig(
+        num_workers=(job.min_workers, job.workers),
+        use_gpu=job.gpu,
+        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS,
+    )
 
 
 def _backend(job: TrainJob) -> str:
@@ -137,7 +159,7 @@ def run_training(job: TrainJob):
     run; image sources: names only, nothing decoded), the weights load, the storage takes a write,
     and a resume trains the same model.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.io.pairs import open_pairs
@@ -167,7 +189,7 @@ def run_training(job: TrainJob):
         train_loop,
         train_loop_config=job.model_dump(),
         torch_config=TorchConfig(backend=_backend(job)),
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu),
+        scaling_config=scaling(job),
         run_config=RunConfig(
             name=job.name,
             storage_path=storage_path,

@@ -96,6 +96,14 @@ class _Training:
             state["ema"] = self.ema.state_dict()
         return state
 
+    def set_peak_lr(self, peak: float, eta_min: float) -> None:
+        """Move the schedule to another peak learning rate where it stands (a run resumed on another
+        number of workers with ``batch_per_worker``): the cosine's value is affine in its peak."""
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            if base != peak and base != eta_min:
+                group["lr"] = eta_min + (group["lr"] - eta_min) * (peak - eta_min) / (base - eta_min)
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
+
     def load_state_dict(self, state: dict[str, Any], *, rank: int, seed: int) -> None:
         """Restore a checkpoint's state. Rank 0 continues its saved random stream; the other
         ranks get fresh streams tied to the step. A checkpoint made without AMP (on a CPU) leaves
@@ -159,6 +167,28 @@ def _validate(model: PAN, pairs: list, device: torch.device) -> tuple[float, flo
     return report.psnr_y, report.ssim_y
 
 
+def global_batch(job: TrainJob, world: int) -> int:
+    """Patches per step over all ``world`` workers: ``batch_size`` (the paper's recipe keeps it
+    whatever the workers), or ``batch_size`` per worker with ``batch_per_worker``."""
+    return job.batch_size * world if job.batch_per_worker else job.batch_size
+
+
+def peak_lr(job: TrainJob, world: int) -> float:
+    """The learning rate at the top of each cosine period: ``lr``, times ``world`` with
+    ``batch_per_worker`` (the linear scaling rule: the batch grows by that factor)."""
+    return job.lr * world if job.batch_per_worker else job.lr
+
+
+def batch_share(job: TrainJob, rank: int, world: int) -> tuple[int, float]:
+    """Rank ``rank``'s patches per step and the weight of its mean loss. The global batch is split
+    as evenly as it goes (the first ``global % world`` ranks take one more), and DDP averages the
+    ranks' gradients: weighting each rank's mean by its share times ``world`` makes the step's
+    gradient that of the global batch's mean, however it divides (32 over 3 workers: 11, 11, 10)."""
+    total = global_batch(job, world)
+    mine = total // world + (rank < total % world)
+    return mine, mine * world / total
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker loop (also runs in-process with ScalingConfig(num_workers=0))."""
     import ray.train
@@ -188,7 +218,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ema = None
     if job.ema_decay:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema_decay), use_buffers=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam(model.parameters(), lr=peak_lr(job, world), betas=(0.9, 0.99))
     training = _Training(
         model,
         optimizer,
@@ -206,6 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
             training.load_state_dict(state, rank=rank, seed=job.seed)
         except SettingsError as exc:
             raise SettingsError(f"{job.run_dir}: {exc}") from exc
+        training.set_peak_lr(peak_lr(job, world), job.min_lr)  # the workers may differ since
     files = _RunFiles(job, training.step) if rank == 0 else None
     training.model = model = ray.train.torch.prepare_model(model, move_to_device=device)
 
@@ -213,8 +244,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if job.val_data and rank == 0:
         val_pairs = load_benchmark(job.val_data, job.scale, files=job.files)[1]
     scheduler, scaler = training.scheduler, training.scaler
-    per_worker = max(1, job.batch_size // world)
-    batches = training_batches(job, rank=rank, world=world, device=device, step=training.step)
+    patches, weight = batch_share(job, rank, world)
+    batches = training_batches(job, patches, rank=rank, world=world, device=device, step=training.step)
     with contextlib.closing(batches):
         loop_start = started = time.perf_counter()
         since_log = {"steps": 0, "data_seconds": 0.0}
@@ -227,7 +258,7 @@ def train_loop(config: dict[str, Any]) -> None:
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 loss = torch.nn.functional.l1_loss(model(lr_batch), hr_batch)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -236,12 +267,12 @@ def train_loop(config: dict[str, Any]) -> None:
             loss_value = float(loss.detach())  # waits for the device: the step ends here
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                       "seconds": time.perf_counter() - loop_start, "data_seconds": data_seconds,
-                      "step_seconds": time.perf_counter() - began}  # fmt: skip
+                      "step_seconds": time.perf_counter() - began, "workers": world}  # fmt: skip
             since_log["steps"] += 1
             since_log["data_seconds"] += data_seconds
             if rank == 0 and step % job.log_every == 0:
                 elapsed = time.perf_counter() - started
-                rate = since_log["steps"] * per_worker * world / elapsed
+                rate = since_log["steps"] * global_batch(job, world) / elapsed
                 loss_text = f"loss {record['loss']:.5f} lr {record['lr']:.2e}"
                 waiting = f"{since_log['data_seconds'] / elapsed:.0%} waiting for data"
                 say(f"step {step}/{job.max_steps} {loss_text} {rate:.1f} patches/s, {waiting}")
@@ -284,25 +315,28 @@ def _checkpoint(
 
     metrics = dict(record)
     shown: dict[str, float] = {"best_val_psnr_y": training.best}  # reported, not the step's record
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            scored = training.scored
-            if val_pairs:
-                scored.eval()
-                metrics["val_psnr_y"], metrics["val_ssim_y"] = _validate(
-                    scored, val_pairs, next(scored.parameters()).device
-                )
-                scored.train()
-                if metrics["val_psnr_y"] > training.best:
-                    training.best = metrics["val_psnr_y"]
-                    _export(scored, join(job.run_dir, "export-best"), job.files)
-            torch.save(training.state_dict(), Path(tmp) / STATE_FILE)
-            files.records.append(metrics)
-            files.flush()
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-            shown = {
-                "best_val_psnr_y": training.best,
-                "data_wait_share": files.input_time()["data_wait_share"],
-            }
-        ray.train.report({**metrics, **shown}, checkpoint=ckpt)
+    ckpt = None
+    if rank == 0:
+        # Uploaded by Ray in a background thread while the steps go on (ASYNC), which deletes the
+        # folder once uploaded; the last uploads finish before the workers end.
+        tmp = tempfile.mkdtemp(prefix="pan-checkpoint-")
+        scored = training.scored
+        if val_pairs:
+            scored.eval()
+            metrics["val_psnr_y"], metrics["val_ssim_y"] = _validate(
+                scored, val_pairs, next(scored.parameters()).device
+            )
+            scored.train()
+            if metrics["val_psnr_y"] > training.best:
+                training.best = metrics["val_psnr_y"]
+                _export(scored, join(job.run_dir, "export-best"), job.files)
+        torch.save(training.state_dict(), Path(tmp) / STATE_FILE)
+        files.records.append(metrics)
+        files.flush()
+        ckpt = ray.train.Checkpoint.from_directory(tmp)
+        shown = {
+            "best_val_psnr_y": training.best,
+            "data_wait_share": files.input_time()["data_wait_share"],
+        }
+    mode = ray.train.CheckpointUploadMode.ASYNC
+    ray.train.report({**metrics, **shown}, checkpoint=ckpt, checkpoint_upload_mode=mode)
