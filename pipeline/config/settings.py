@@ -38,7 +38,6 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
-    model_validator,
 )
 
 from pipeline.core.engine import AUTO, PRECISIONS
@@ -334,13 +333,16 @@ class TrainJob(JobSpec):
     )
     gpu: bool = Field(False, description="one GPU per worker, nccl, AMP")
     max_steps: int = Field(1000, ge=1, description="train until this many iterations in all")
-    batch_size: int = Field(
-        32, ge=1, description="LR patches per step over all workers (the paper's 32), however many there are"
-    )
     batch_per_worker: bool = Field(
         False,
         description="batch_size and lr are per worker instead: N workers take N x batch_size patches a step "
         "at N x lr (the linear scaling rule; a different recipe from the paper's)",
+    )
+    batch_size: int = Field(
+        32,
+        ge=1,
+        validate_default=True,
+        description="LR patches per step over all workers (the paper's 32), however many there are",
     )
     patch_size: int = Field(64, ge=8, description="LR patch size in pixels")
     lr: float = Field(7e-4, gt=0, description="peak learning rate")
@@ -366,16 +368,23 @@ class TrainJob(JobSpec):
     gpu_wait_seconds: GpuWait = 900
     address: RayAddress = None
 
-    @model_validator(mode="after")
-    def _workers_fit(self) -> TrainJob:
-        if self.min_workers is not None and self.min_workers > self.workers:
-            raise ValueError(f"min_workers {self.min_workers} is more than workers {self.workers}")
-        if not self.batch_per_worker and self.batch_size < self.workers:
+    @field_validator("min_workers")
+    @classmethod
+    def _at_most_workers(cls, value: int | None, info: Any) -> int | None:
+        workers = info.data.get("workers")
+        if value is not None and workers is not None and value > workers:
+            raise ValueError(f"{value} is more than workers ({workers})")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _shared_by_the_workers(cls, value: int, info: Any) -> int:
+        workers = info.data.get("workers")
+        if workers is not None and not info.data.get("batch_per_worker") and value < workers:
             raise ValueError(
-                f"batch_size {self.batch_size} is fewer patches than the {self.workers} workers that share "
-                "it: raise batch_size, or set batch_per_worker"
+                f"{value} patches cannot be shared by {workers} workers: raise it, or set batch_per_worker"
             )
-        return self
+        return value
 
     @property
     def run_dir(self) -> str:
