@@ -8,15 +8,18 @@ metrics; the best weights are tracked.
 Layout under ``STORAGE/NAME`` (local or ``s3://``):
 ``checkpoint_*`` (Ray Train's: model, optimizer, scheduler, AMP loss scale, step, EMA, RNG, best score),
 ``metrics.jsonl`` (one object per step: step, loss, lr, seconds since this attempt's loop began,
-``data_seconds`` (what rank 0's step waited for its batch) and ``step_seconds`` (the whole step,
-that wait included), and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``,
+``data_seconds`` (what rank 0's step waited for its batch), ``step_seconds`` (the whole step,
+that wait included), ``workers``, and val_psnr_y/val_ssim_y on validation steps), ``learning_curve.png``,
 ``export/`` (final weights) and ``export-best/`` (best validation), both in the ``save_pretrained``
 layout that ``pan upscale --weights`` takes, and ``run.json``: the model the run trains (scale and
 PAN config), the step its export holds, and where the steps' time went (``input``: the share of
 it spent waiting for data).
 
 The data is a prepared set (``pan prepare``; each worker reads its own share of its shards) or
-image sources (``pipeline.training.inputs``).
+image sources (``pipeline.training.inputs``). The batch is ``batch_size`` patches over all workers
+(``loop.batch_share``), or per worker with ``batch_per_worker``. With ``min_workers`` the run is
+elastic (``scaling``): a lost worker restarts the group from the last checkpoint with the workers
+that can be had.
 
 Running again with the same storage and name resumes from the latest checkpoint: steps are never
 done twice, and ``max_steps`` may be raised to train further. A resume that would train another
