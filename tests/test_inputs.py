@@ -35,7 +35,7 @@ def _job(data: str, **settings) -> TrainJob:
 
 
 def test_a_prepared_batch_is_the_model_input_patch_dataset_would_give(prepared):
-    batches = training_batches(_job(prepared), rank=0, world=2, device=torch.device("cpu"), step=0)
+    batches = training_batches(_job(prepared), 4, rank=0, world=2, device=torch.device("cpu"), step=0)
     lr, hr = next(batches)
     batches.close()
     assert lr.shape == (4, 3, 24, 24) and hr.shape == (4, 3, 48, 48) and lr.dtype == torch.uint8
@@ -49,7 +49,8 @@ def test_a_prepared_batch_is_the_model_input_patch_dataset_would_give(prepared):
 
 def test_workers_draw_from_their_own_shares_and_a_resume_draws_anew(prepared):
     def first(rank: int, step: int) -> torch.Tensor:
-        batches = training_batches(_job(prepared), rank=rank, world=2, device=torch.device("cpu"), step=step)
+        cpu = torch.device("cpu")
+        batches = training_batches(_job(prepared), 4, rank=rank, world=2, device=cpu, step=step)
         try:
             return next(batches)[0]
         finally:
