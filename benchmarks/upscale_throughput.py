@@ -416,7 +416,7 @@ def print_pipeline(p: PipelineResult) -> None:
     s = p.summary
     counts = f"{s.succeeded} / {s.failed} / {s.skipped}"
     line("succeeded / failed / skipped", f"{counts}  ({p.outputs_on_disk} PNGs written)")
-    line("output", f"{s.output_megapixels:.1f} MP, precision {s.get('precision')}")
+    line("output", f"{s.output_megapixels:.1f} MP, precision {s.precision}")
     line("wall time (incl. Ray start-up)", f"{p.wall_seconds:8.2f} s  (summary 'seconds' {s.seconds:.2f})")
     if p.first_result_seconds is not None:
         line("first batch back after", f"{p.first_result_seconds:8.2f} s")
