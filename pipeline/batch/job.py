@@ -117,9 +117,9 @@ def run_upscale(
         destination = sinks.claim_dest(
             job.dest, checked.run, overwrite=job.overwrite, run_id=lease.run_id, files=job.files
         )
-        if job.precision == AUTO and destination.precision:
-            logger.info("%s keeps %s, the precision of its outputs (--precision chooses)", job.dest,
-                        destination.precision)  # fmt: skip
+        if job.precision == AUTO and destination.precision:  # said with --verbose: every run does it
+            logger.debug("%s keeps %s, the precision of its outputs (--precision chooses)", job.dest,
+                         destination.precision)  # fmt: skip
             job = job.model_copy(update={"precision": destination.precision})
         work = plan(job, checked.exclude, since=destination.ledger_since)
         log = _start_log(job, destination, work, lease)

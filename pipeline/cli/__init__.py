@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     use_configured_token()
     logging.basicConfig(format="pan: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("pipeline").setLevel(logging.INFO)  # our own decisions and waits: always said
+    # our own decisions and waits: always said; with --verbose, the details too
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     quiet_ray(verbose=args.verbose)
     try:
         with shutdown_on_exit():
