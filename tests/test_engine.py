@@ -500,19 +500,11 @@ def _window_outputs_of(upscaler: Upscaler, run, monkeypatch) -> tuple[object, li
 
 
 def _accumulated(upscaler: Upscaler, height: int, width: int, outputs: list[np.ndarray]) -> np.ndarray:
-    """The straightforward assembly of one image's window outputs (raster order): a zeroed float
-    output of the whole image, each window added with its blend weights."""
-    from pipeline.core.tiling import blend_weights
+    """The straightforward assembly of one image's window outputs (raster order) in this
+    upscaler's plan: ``test_tiling._accumulated``."""
+    from test_tiling import _accumulated as accumulated
 
-    s = upscaler.scale
-    py, px = upscaler.plan(height, width)
-    total = np.zeros((3, height * s, width * s), dtype=np.float32)
-    windows = [(wy, wx) for wy in py.windows for wx in px.windows]
-    for (wy, wx), output in zip(windows, outputs, strict=True):
-        weight = np.outer(blend_weights(py, wy, s), blend_weights(px, wx, s))
-        top, left = wy.start * s, wx.start * s
-        total[:, top : top + output.shape[1], left : left + output.shape[2]] += output * weight
-    return total
+    return accumulated(*upscaler.plan(height, width), upscaler.scale, outputs)
 
 
 @pytest.mark.integration

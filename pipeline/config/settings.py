@@ -44,7 +44,7 @@ from pipeline.core.engine import AUTO, PRECISIONS
 from pipeline.core.model import SCALES
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, check_tile
 from pipeline.errors import SettingsError
-from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_FAST
+from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_FAST, check_png_level
 from pipeline.imaging.gate import MAX_PATTERN_LEVELS, MIN_PSNR_VS_INPUT
 from pipeline.io.hub import resolve_source
 from pipeline.io.storage import Files, join, resolve_location
@@ -114,9 +114,7 @@ Tile = Annotated[
 def _png_level(value: Any) -> Any:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if value != PNG_FAST and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9):
-        raise ValueError(f"PNG level {value!r} is neither {PNG_FAST} nor a zlib level 0-9")
-    return value
+    return check_png_level(value)
 
 
 PngLevel = Annotated[

@@ -46,6 +46,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -390,14 +391,19 @@ def encode_png(values: np.ndarray, level: int | str = PNG_FAST) -> bytes:
     the speed of libpng at zlib level 1, for files 1.18-1.33x its size: benchmarks/png_writers.py)
     and the rest with libpng at ``PNG_LIBPNG_LEVEL``; 0-9 write everything with libpng at that zlib
     level (``_png_settings``): the smaller files, for the CPU."""
-    if level == PNG_FAST:
+    if check_png_level(level) == PNG_FAST:
         fast = _fpng(values)
         if fast is not None:
             return fast
         level = PNG_LIBPNG_LEVEL
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
-        raise ValueError(f"PNG level {level!r} is neither {PNG_FAST!r} nor a zlib level 0-9")
     return imagecodecs.png_encode(values, level=level, **_png_settings(level))
+
+
+def check_png_level(level: Any) -> int | str:
+    """``level`` when ``encode_png`` takes it (``PNG_FAST`` or a zlib level 0-9), else ValueError."""
+    if level != PNG_FAST and (isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9):
+        raise ValueError(f"PNG level {level!r} is neither {PNG_FAST!r} nor a zlib level 0-9")
+    return level
 
 
 def _fpng(values: np.ndarray) -> bytes | None:
