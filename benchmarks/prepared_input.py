@@ -183,8 +183,7 @@ def ray_data_rate(dest: Path, scale: int, batches: int) -> tuple[float, float]:
 def transform_copy_us(dest: Path, repeat: int = 200) -> tuple[float, float]:
     """(channels-first, channels-last) CPU microseconds to copy one 256-px HR patch out of a mapped
     sub-image under one of the 8 transforms, the mean of the 8."""
-    from pipeline.training.patches import dihedral
-    from pipeline.training.prepared import HR_NAME, shard_file
+    from pipeline.training.prepared import HR_NAME, dihedral, shard_file
 
     shard = sorted((dest / "shards").glob("*/*/" + HR_NAME))[0].parent.relative_to(dest / "shards").as_posix()
     patch = np.load(dest / shard_file(shard, HR_NAME), mmap_mode="r")[0, :256, :256]

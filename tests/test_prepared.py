@@ -11,7 +11,6 @@ from pipeline.errors import DatasetError
 from pipeline.imaging import decode_image, imresize
 from pipeline.io.pairs import crop_to_multiple
 from pipeline.io.storage import Files
-from pipeline.training.patches import dihedral
 from pipeline.training.prepared import (
     CLAIM_NAME,
     FORMAT,
@@ -20,6 +19,7 @@ from pipeline.training.prepared import (
     PatchSampler,
     PreparedSet,
     Shard,
+    dihedral,
     open_prepared,
 )
 

@@ -82,3 +82,16 @@ def test_read_blocks_batch_images_but_feed_every_actor():
     assert read_blocks(images[:1], actors=8) == 1
     shards = [InputUnit(f"/in/{i}.tar", f"{i}.tar", "tar") for i in range(5)]
     assert read_blocks([*shards, *images[:20]], actors=2) == 25  # a shard holds many images
+
+
+def test_the_modules_ray_tasks_run_import_no_torch():
+    """A read, decode, encode or write task (and ``pan prepare``'s tasks) never needs torch: its
+    worker starts without importing it (a second and a few hundred MB per worker process). The
+    job's settings, which the driver pickles into tasks, are torch-free too."""
+    import subprocess
+    import sys
+
+    modules = ["pipeline.batch.stages", "pipeline.config.settings", "pipeline.training.prepare"]
+    check = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m == 'torch'))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout

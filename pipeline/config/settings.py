@@ -40,15 +40,13 @@ from pydantic import (
     field_validator,
 )
 
-from pipeline.core.engine import AUTO, PRECISIONS
-from pipeline.core.model import SCALES
+from pipeline.core import AUTO, PRECISIONS, SCALES
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, check_tile
 from pipeline.errors import SettingsError
 from pipeline.imaging.codec import DEFAULT_MAX_PIXELS, PNG_FAST, check_png_level
 from pipeline.imaging.gate import MAX_PATTERN_LEVELS, MIN_PSNR_VS_INPUT
-from pipeline.io.hub import resolve_source
+from pipeline.io.hub import DEFAULT_WEIGHTS, resolve_source
 from pipeline.io.storage import Files, join, resolve_location
-from pipeline.io.weights import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations only

@@ -38,12 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core import AUTO, PRECISIONS
 from pipeline.core.model import PAN
 from pipeline.core.tiling import DEFAULT_CONTEXT, MIN_TILE, TileAssembler, TilePlan, check_tile, plan_axis
 from pipeline.errors import DeviceError, first_line
 
-AUTO = "auto"  # a setting decided at run time: the device, the tile size, the precision, the batch
-PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # one per PRECISIONS
 MAX_BATCH = 16
 MAX_COMPILED_SHAPES = 8  # window shapes compiled per Upscaler; others run eagerly

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCALES = (2, 3, 4)  # the upscaling factors PAN is defined for
+from pipeline.core import SCALES
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from pipeline.io.storage import is_url, resolve_location
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_WEIGHTS = "eugenesiow/pan"  # the model card's weights on the hub
 CONNECT_TIMEOUT_S = 3.0
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Names that are files, not repos: "weights/PANx2.pth" is a path even though it has one slash.

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from pipeline.core.model import PAN, SCALES, PANConfig
+from pipeline.core import SCALES
+from pipeline.core.model import PAN, PANConfig
 from pipeline.errors import WeightsError
-from pipeline.io.hub import is_repo_id, unreachable_reason
+from pipeline.io.hub import DEFAULT_WEIGHTS, is_repo_id, unreachable_reason
 from pipeline.io.storage import Files
 
-DEFAULT_WEIGHTS = "eugenesiow/pan"  # the model card's weights on the Hugging Face hub
 CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from pipeline.errors import DatasetError
 from pipeline.io.pairs import BenchmarkPair, PairSource
+from pipeline.training.prepared import dihedral
 
 
 class PatchDataset(Dataset):
@@ -106,13 +107,6 @@ class PatchDataset(Dataset):
 
 def _randint(n: int) -> int:
     return int(torch.randint(n, ()).item())
-
-
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """Element ``k`` (0..7) of the dihedral group on an HxWxC array: rotate k%4 quarter turns, then
-    mirror left-right when k >= 4."""
-    image = np.rot90(image, k % 4)
-    return image[:, ::-1] if k >= 4 else image
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:

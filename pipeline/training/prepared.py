@@ -38,7 +38,6 @@ import numpy as np
 
 from pipeline.errors import DatasetError
 from pipeline.io.storage import Files, is_url, join
-from pipeline.training.patches import dihedral
 
 FORMAT = "pan-prepared"
 FORMAT_VERSION = 1  # raised when the layout changes: an older reader then refuses the set by name
@@ -51,6 +50,13 @@ HR_NAME = "hr.npy"
 # Shard files copied at once to a node: object stores answer each GET in tens of ms whatever its
 # size, so a few in flight keep the link busy without holding many 30 MB shards in memory.
 DOWNLOADS_IN_FLIGHT = 8
+
+
+def dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    """Element ``k`` (0..7) of the dihedral group on an HxWxC array: rotate k%4 quarter turns, then
+    mirror left-right when k >= 4."""
+    image = np.rot90(image, k % 4)
+    return image[:, ::-1] if k >= 4 else image
 
 
 def lr_name(scale: int) -> str:
