@@ -6,9 +6,9 @@ PAN (issue 11: "how many CPU cores the encode stage needs per GPU to keep up").
    this process, with the job's inference defaults, and saved to a temporary ``.npz``.
 2. Ray starts with ``--cpus`` CPUs and ``--gpus`` logical GPUs (default 1: the GPU pipeline's
    shape, one model actor taking two calls at once); every Ray worker runs ``replay_engine`` first,
-   which makes ``build_upscaler`` hand out a ``Replay`` of those outputs (looked up by the input's
-   pixels). Everything else is the real job: read, decode, the actor's batches and their transfer,
-   PNG encoding, the quality gate, writing, the driver's ledger and progress.
+   which makes the model actor's ``actor_upscaler`` hand out a ``Replay`` of those outputs (looked
+   up by the input's pixels). Everything else is the real job: read, decode, the actor's batches
+   and their transfer, PNG encoding, the quality gate, writing, the driver's ledger and progress.
 3. ``run_upscale`` over ``--copies`` copies of the images. With the model gone, the run is bound
    by the CPUs: **CPU-seconds per output MP** (all of the run's processes, measured like
    ``upscale_throughput.py``'s ``CpuMeter``) is what a GPU's rate asks of the CPUs, and **cores
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from images import SHARED  # benchmarks/images.py
-from upscale_throughput import CpuMeter, make_inputs, workload_files
+from upscale_throughput import CpuMeter, MeasuringCpu, make_inputs, workload_files
 
 REPLAY_FILE = "PAN_STAGE_COST_REPLAY"  # the environment variable that names the outputs' .npz
 H100_X4_MP_S = 78.2  # the engine on an NVIDIA H100, fp16 with CUDA graphs (benchmarks/README.md)
@@ -66,14 +66,18 @@ class Replay:
 
 
 def replay_engine() -> None:
-    """Each Ray worker runs this first (``worker_process_setup_hook``): ``build_upscaler`` then
-    returns a ``Replay`` of the outputs saved in ``$PAN_STAGE_COST_REPLAY``."""
-    import pipeline.config.builder
+    """Each Ray worker runs this first (``worker_process_setup_hook``), before any task: a model
+    actor's ``actor_upscaler`` then returns a ``Replay`` of the outputs saved in
+    ``$PAN_STAGE_COST_REPLAY``, loaded there. The task workers load nothing and import no torch,
+    as in the real job."""
+    import pipeline.ray_runtime.pool
 
-    with np.load(os.environ[REPLAY_FILE]) as saved:
-        outputs = {name: saved[name] for name in saved.files if name != "precision"}
-        precision = str(saved["precision"])
-    pipeline.config.builder.build_upscaler = lambda *args, **kwargs: Replay(outputs, precision)
+    def replay(*args: Any, **kwargs: Any) -> Replay:
+        with np.load(os.environ[REPLAY_FILE]) as saved:
+            outputs = {name: saved[name] for name in saved.files if name != "precision"}
+            return Replay(outputs, str(saved["precision"]))
+
+    pipeline.ray_runtime.pool.actor_upscaler = replay
 
 
 def save_outputs(files: list[Path], scale: int, weights: Path, into: Path) -> str:
@@ -100,18 +104,19 @@ class Titles:
     def __init__(self) -> None:
         self.seen: dict[int, set[str]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(
+            target=MeasuringCpu.every, args=(0.2, self._stop, self._look), daemon=True
+        )
 
-    def _loop(self) -> None:
-        while not self._stop.wait(0.2):
-            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-                try:
-                    title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
-                except OSError:
-                    continue  # gone meanwhile
-                name = title.split(".")[0] if title.startswith("ray::") else Path(title.split(" ")[0]).name
-                if name and name != "ray::IDLE":
-                    self.seen.setdefault(int(cmdline.parent.name), set()).add(name)
+    def _look(self) -> None:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+            name = title.split(".")[0] if title.startswith("ray::") else Path(title.split(" ")[0]).name
+            if name and name != "ray::IDLE":
+                self.seen.setdefault(int(cmdline.parent.name), set()).add(name)
 
     def __enter__(self) -> Titles:
         self._thread.start()

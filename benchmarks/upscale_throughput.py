@@ -73,6 +73,24 @@ class CpuUse:
         )
 
 
+class MeasuringCpu:
+    """The CPU seconds this process's measuring threads spent (``CpuMeter``, stage_cost's
+    ``Titles``: reading /proc every fraction of a second), which they leave out of what they
+    measure: the driver's figure is the job's, not the meters'."""
+
+    _lock = threading.Lock()
+    seconds = 0.0
+
+    @classmethod
+    def every(cls, interval: float, stop: threading.Event, step: Any) -> None:
+        """Run ``step()`` every ``interval`` seconds until ``stop``, counting its thread's CPU."""
+        while not stop.wait(interval):
+            began = time.thread_time()
+            step()
+            with cls._lock:
+                cls.seconds += time.thread_time() - began
+
+
 class CpuMeter:
     """Measures :class:`CpuUse` between ``start()`` and ``stop()`` (Linux /proc; None elsewhere).
 
@@ -89,6 +107,7 @@ class CpuMeter:
         self._last: dict[int, float] = {}  # pid -> CPU seconds when last seen
         self._machine: tuple[float, float] | None = None
         self._wall = 0.0
+        self._measuring = 0.0  # MeasuringCpu.seconds at start()
 
     @staticmethod
     def _machine_ticks() -> tuple[float, float] | None:
@@ -126,10 +145,6 @@ class CpuMeter:
             self._first.setdefault(pid, seconds if baseline else 0.0)  # a new process starts at 0
             self._last[pid] = seconds
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
     def start(self) -> None:
         self._machine = self._machine_ticks()
         if self._machine is None:
@@ -138,12 +153,18 @@ class CpuMeter:
         self._last.clear()
         self._sample(baseline=True)  # CPU already used by processes alive now is not counted
         self._wall = time.perf_counter()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._measuring = MeasuringCpu.seconds
+        self._thread = threading.Thread(
+            target=MeasuringCpu.every, args=(self._interval, self._stop, self._sample), daemon=True
+        )
         self._thread.start()
 
     def by_process(self) -> dict[int, float]:
-        """CPU seconds each process used since ``start()``, as last sampled (by pid)."""
-        return {pid: self._last[pid] - self._first[pid] for pid in self._last}
+        """CPU seconds each process used since ``start()``, as last sampled (by pid), this one's
+        without its measuring threads'."""
+        used = {pid: self._last[pid] - self._first[pid] for pid in self._last}
+        used[os.getpid()] = used.get(os.getpid(), 0.0) - (MeasuringCpu.seconds - self._measuring)
+        return used
 
     def stop(self) -> CpuUse | None:
         if self._thread is None or self._machine is None:
@@ -156,7 +177,7 @@ class CpuMeter:
         if end is None or end[1] == self._machine[1] or wall <= 0:
             return None
         machine = (end[0] - self._machine[0]) / (end[1] - self._machine[1]) * (os.cpu_count() or 1)
-        ours = sum(self._last[pid] - self._first[pid] for pid in self._last) / wall
+        ours = sum(self.by_process().values()) / wall
         return CpuUse(machine=machine, ours=ours)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,29 +26,43 @@ from pipeline.ray_runtime.pool import (
 )
 
 
-def read_stage(
-    batch: dict[str, np.ndarray], wanted: tuple[str, ...], image_column: str, files: Files
-) -> dict:
-    """Source files (``InputUnit``s, one column ``unit``) -> an ``ImageRecord`` per input, with its
-    raw bytes and what the run ledger needs to know of the file it came from."""
+def input_stage(
+    batch: dict[str, np.ndarray], images_per_batch: int, max_pixels: int, **read: Any
+) -> Iterator[dict]:
+    """Source files (``InputUnit``s, one column ``unit``) -> batches of ``images_per_batch``
+    decoded ``ImageRecord``s: ``read_records`` then ``decode_records``, in one call, for the reason
+    ``output_stage`` gives; a shard's images are decoded a batch at a time, as they are read."""
     records = []
     for unit in batch["unit"]:
-        rows = list(read_unit(unit, wanted, image_column, files))
-        for r in rows:
-            records.append(
-                ImageRecord(
-                    r.key, r.name, unit.rel, unit.size, unit.version, len(rows), r.sinks,
-                    tuple(s for s in wanted if r.name in unit.written.get(s, ())),
-                    data=r.data or b"",
-                    input_sha256=hashlib.sha256(r.data).hexdigest() if r.data else None,
-                    error_type=r.error_type or None, error=r.error or None,
-                )
-            )  # fmt: skip
-    return batch_of(records)
+        for record in read_records(unit, **read):
+            records.append(record)
+            if len(records) == images_per_batch:
+                yield batch_of(decode_records(records, max_pixels))
+                records = []
+    if records:
+        yield batch_of(decode_records(records, max_pixels))
 
 
-def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
-    records = records_of(batch)
+def read_records(
+    unit: InputUnit, wanted: tuple[str, ...], image_column: str, files: Files
+) -> list[ImageRecord]:
+    """An ``ImageRecord`` per input of a source file, with its raw bytes and what the run ledger
+    needs to know of the file it came from."""
+    rows = list(read_unit(unit, wanted, image_column, files))
+    return [
+        ImageRecord(
+            r.key, r.name, unit.rel, unit.size, unit.version, len(rows), r.sinks,
+            tuple(s for s in wanted if r.name in unit.written.get(s, ())),
+            data=r.data or b"",
+            input_sha256=hashlib.sha256(r.data).hexdigest() if r.data else None,
+            error_type=r.error_type or None, error=r.error or None,
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+def decode_records(records: list[ImageRecord], max_pixels: int) -> list[ImageRecord]:
+    """Each record's bytes -> its pixels (``image``), or its failure."""
     for record in records:
         if not record.to_compute:
             continue
@@ -64,7 +79,7 @@ def decode_stage(batch: dict[str, np.ndarray], max_pixels: int) -> dict:
             image.source_mode,
         )
         record.seconds += time.perf_counter() - start
-    return batch_of(records)
+    return records
 
 
 class UpscaleActor:
@@ -165,13 +180,14 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: ActorPool):
     items = [{"unit": unit} for unit in todo]
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
     read_args = {"wanted": job.sinks, "image_column": job.image_column, "files": job.files}
+    read_args.update(images_per_batch=job.images_per_batch, max_pixels=job.max_pixels)
     write_args = {"dest": job.dest, "overwrite": job.overwrite, "files": job.files}
     gate = job.min_psnr_vs_input is not None or job.max_pattern_levels is not None
     encode_args = {"png_compress_level": job.png_compress_level, "gate": gate}
-    decoded = (
-        ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size))
-        .map_batches(read_stage, batch_size=None, fn_kwargs=read_args)  # a read task: one block
-        .map_batches(decode_stage, fn_kwargs={"max_pixels": job.max_pixels}, **per_image)
+    decoded = ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size)).map_batches(
+        input_stage,
+        batch_size=None,
+        fn_kwargs=read_args,  # a read task: one block of source files
     )
     batch = job.images_per_batch
     upscaled = model_stage(decoded, UpscaleActor, pool, batch_size=batch, job=job)

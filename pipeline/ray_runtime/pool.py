@@ -37,12 +37,15 @@ def dataset_batches(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
 
 def data_context() -> None:
     """Ray Data on the driver, for our jobs: no progress bars of its own (the commands show one),
-    and no warning for the Python objects (decoded images) that blocks carry pickled: intended."""
+    no warning for the Python objects (decoded images) that blocks carry pickled (intended), and
+    no memory sampling in every task (a thread started and stopped around each task for Ray Data's
+    stats, which nothing of ours reads: 2% of a task worker's CPU, benchmarks/README.md)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_fallback_to_arrow_object_ext_type = True
+    context.memory_usage_poll_interval_s = None
     if not verbose():
         # Ray Data logs through a console handler of its own; its ERROR lines repeat the failure
         # that the command reports itself (one line for a user's error, the traceback for a bug).
