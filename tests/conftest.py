@@ -11,6 +11,39 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PAN_SHARED", REPO.parent / "shared"))  # the benchmarks read it too
 
 
+# The suite runs on two processes (pytest-xdist, pyproject.toml's addopts), each taking whole
+# modules (a module's fixtures, its Ray among them, are set up once). The modules that cost most,
+# in CPU-seconds on the 2-core CI machine (benchmarks/README.md, "The tests' time"), go out first,
+# heaviest first, so that the last to finish is a short one; the rest follow in file order.
+HEAVIEST_FIRST = (
+    "test_train.py", "test_engine.py", "test_upscale.py", "test_upscale_cluster.py", "test_submit.py",
+    "test_cli.py", "test_eval_job.py", "test_capacity.py", "test_lease.py", "test_ledger.py",
+)  # fmt: skip
+PARALLEL_PROCESSES = 2  # the CI machine's cores: every process runs Rays and torch of its own
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return min(PARALLEL_PROCESSES, os.cpu_count() or 1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a parallel run, each process's share of the cores for torch's threads, here and in the
+    processes it starts (``pan`` commands, Ray workers): two processes of two threads each on two
+    cores spend CPU waiting on each other (the tiled-engine test: 49 CPU-s with two threads
+    against 45 with one, alone on the machine)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the project's ../shared data), which is absent here")

@@ -121,9 +121,15 @@ def test_the_readme_example_runs_from_the_checkout(shared_dir, tmp_path):
 
 
 def _kill_one_train_worker() -> bool:
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            os.kill(proc.info["pid"], signal.SIGKILL)
+    """SIGKILL one Ray Train worker of this process's Ray (its raylet is our child): not another
+    test process's, where tests run in parallel."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any("RayTrainWorker" in part for part in cmdline):
+            os.kill(proc.pid, signal.SIGKILL)
             return True
     return False
 
