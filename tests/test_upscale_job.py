@@ -92,6 +92,6 @@ def test_the_modules_ray_tasks_run_import_no_torch():
     import sys
 
     modules = ["pipeline.batch.stages", "pipeline.config.settings", "pipeline.training.prepare"]
-    check = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m == 'torch'))"
+    check = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "[]", run.stdout
+    assert run.stdout.strip() == "False", run.stdout

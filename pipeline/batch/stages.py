@@ -31,7 +31,8 @@ def input_stage(
 ) -> Iterator[dict]:
     """Source files (``InputUnit``s, one column ``unit``) -> batches of ``images_per_batch``
     decoded ``ImageRecord``s: ``read_records`` then ``decode_records``, in one call, for the reason
-    ``output_stage`` gives; a shard's images are decoded a batch at a time, as they are read."""
+    ``output_stage`` gives. A shard's bytes are read whole (its row count goes into each record);
+    its images are decoded a batch at a time, each batch handed on before the next is decoded."""
     records = []
     for unit in batch["unit"]:
         for record in read_records(unit, **read):
@@ -179,16 +180,13 @@ def build_dataset(job: UpscaleJob, todo: list[InputUnit], pool: ActorPool):
 
     items = [{"unit": unit} for unit in todo]
     per_image = {"batch_size": job.images_per_batch, "udf_modifying_row_count": False}
-    read_args = {"wanted": job.sinks, "image_column": job.image_column, "files": job.files}
-    read_args.update(images_per_batch=job.images_per_batch, max_pixels=job.max_pixels)
+    read_args = {"wanted": job.sinks, "image_column": job.image_column, "files": job.files,
+                 "images_per_batch": job.images_per_batch, "max_pixels": job.max_pixels}  # fmt: skip
     write_args = {"dest": job.dest, "overwrite": job.overwrite, "files": job.files}
     gate = job.min_psnr_vs_input is not None or job.max_pattern_levels is not None
     encode_args = {"png_compress_level": job.png_compress_level, "gate": gate}
-    decoded = ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size)).map_batches(
-        input_stage,
-        batch_size=None,
-        fn_kwargs=read_args,  # a read task: one block of source files
-    )
+    sources = ray.data.from_items(items, override_num_blocks=read_blocks(todo, pool.size))
+    decoded = sources.map_batches(input_stage, batch_size=None, fn_kwargs=read_args)  # a task per block
     batch = job.images_per_batch
     upscaled = model_stage(decoded, UpscaleActor, pool, batch_size=batch, job=job)
     return upscaled.map_batches(output_stage, fn_kwargs={**encode_args, **write_args}, **per_image)
