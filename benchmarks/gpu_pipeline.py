@@ -6,7 +6,7 @@ Needs CUDA and ``../shared`` (or ``PAN_SHARED``); without them it prints ``SKIPP
 Prepared to fit a lent device's time (about 4 minutes with the defaults)::
 
     .venv/bin/python benchmarks/gpu_pipeline.py [--scale 4] [--cpus 2,4,8] [--actors 1] [--seconds 40]
-        [--variants] [--json F]
+        [--run-seconds S] [--variants] [--json F]
 
 ``--device cpu`` runs the same steps on the CPU (no busy fraction): a check of the script itself.
 
@@ -29,7 +29,8 @@ the warm-up pass, which is timed apart): what ``auto`` chose from, and what grap
 
 The workload is Set14 + Set5 LR at the scale, copied as in ``upscale_throughput.py`` so that the
 engine runs about ``--seconds`` per pass: sized from one pass over the 19 images, then, for the
-pipeline runs, from the rate of the long pass (each pipeline run then takes about as long or longer).
+pipeline runs, from the rate of the long pass, to ``--run-seconds`` of the engine's work (each
+pipeline run then takes about as long or longer: at least a minute with ``--run-seconds 60``).
 """
 
 from __future__ import annotations
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default="2,4,8", help="Ray CPUs of each pipeline run (comma-separated)")
     parser.add_argument("--actors", default="1", help="model actors sharing the GPU (comma-separated)")
     parser.add_argument("--seconds", type=float, default=40.0, help="engine seconds per pass (sets copies)")
+    parser.add_argument(
+        "--run-seconds", type=float, default=None,
+        help="engine seconds of work in each pipeline run (default: --seconds); a run lasts at least that",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--variants", action="store_true", help="also time each precision, and compile")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_figures(upscaler, pixels * copies, per_call, macs * copies)  # MACs are per image
     # The pipelines' workload, sized from the long pass's rate: on the H100 the 19-image pass ran
     # at about 10 MP/s, 22 copies at 78, and ``--seconds 8`` gave the pipelines 5 s of engine work.
-    runs_copies = max(copies, math.ceil(args.seconds * engine["mp_per_second"] / one["output_megapixels"]))
+    run_seconds = args.run_seconds or args.seconds
+    runs_copies = max(copies, math.ceil(run_seconds * engine["mp_per_second"] / one["output_megapixels"]))
     dense = {
         upscaler.precision: dense_conv_gflops(args.device, DTYPES[upscaler.precision]),
         "fp32": dense_conv_gflops(args.device, torch.float32),
