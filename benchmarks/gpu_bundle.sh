@@ -28,7 +28,9 @@ print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))
 EOF
 )
 
-grep -qxF '/.gpu/' .git/info/exclude || echo '/.gpu/' >>.git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qsxF '/.gpu/' "$exclude" || echo '/.gpu/' >>"$exclude"
 rm -rf .gpu && mkdir -p .gpu/shared/train/BSDS200 .gpu/shared/benchmarks
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
@@ -71,7 +73,8 @@ tar -cJf .gpu/site.tar.xz -C "$site" .
 
 cp -r "$shared"/weights .gpu/shared/
 cp -r "$shared"/benchmarks/Set5 "$shared"/benchmarks/Set14 .gpu/shared/benchmarks/
-find "$shared"/train/BSDS200 -maxdepth 1 -type f | sort | head -n 40 | xargs -I{} cp {} .gpu/shared/train/BSDS200/
+mapfile -t photos < <(find "$shared"/train/BSDS200 -maxdepth 1 -type f | sort)
+cp "${photos[@]:0:40}" .gpu/shared/train/BSDS200/
 
 tree=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f 1)
 bundle=$(du -sb .gpu | cut -f 1)
